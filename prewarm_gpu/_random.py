@@ -1,0 +1,33 @@
+"""One random source: ``None | int | torch.Generator``, normalised once on the data's device."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_generator(generator: int | torch.Generator | None, device: torch.device) -> torch.Generator:
+    """Return a ``torch.Generator`` on ``device``; never reads or writes global RNG state.
+
+    ``None`` gives a freshly (non-deterministically) seeded generator, an ``int`` a generator seeded
+    with it, and a ``torch.Generator`` is used as is (it must live on ``device``).
+    """
+    device = torch.device(device)
+    if isinstance(generator, torch.Generator):
+        if torch.device(generator.device).type != device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the data is on {device}; "
+                f"pass a torch.Generator(device='{device.type}') or an int seed"
+            )
+        return generator
+    g = torch.Generator(device=device)
+    if generator is None:
+        g.seed()
+    elif isinstance(generator, int) and not isinstance(generator, bool):
+        if generator < 0:
+            raise ValueError(f"seed must be a non-negative int, got {generator}")
+        g.manual_seed(generator)
+    else:
+        raise TypeError(
+            f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}"
+        )
+    return g
