@@ -1,6 +1,13 @@
-"""prewarm_gpu: GPU-native Pre-Warm and the initialisations it is compared with."""
+"""prewarm_gpu: GPU-native Pre-Warm and the initialisations it is compared with.
 
+`Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
+(2026). ``prewarm_(model, images)`` conditions half the first conv's filters on k-means centroids of
+mean-centred patches of one batch, on the images' device.
+"""
+
+from . import rules
 from .kmeans import MiniBatchKMeans
+from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
-__all__ = ["MiniBatchKMeans"]
+__all__ = ["MiniBatchKMeans", "PrewarmReport", "conditioned_init", "prewarm_", "rules"]
 __version__ = "0.1.0"

@@ -240,40 +240,41 @@ class MiniBatchKMeans:
             return self._run_host(X, centres, g, batch, budget, state)
         return self._run_device(X, centres, g, batch, budget, state, sync_every)
 
-    def _run_host(self, X, centres, g, batch, budget, st):
-        """Step loop with decisions on the host: the fast path where a sync costs nothing (CPU)."""
-        n, k, dev, dt = X.shape[0], self.n_clusters, X.device, X.dtype
+    def _run_host(self, X, centres, g, batch, budget, st, indices=None):
+        """Step loop with decisions on the host: the fast path where a sync costs nothing (CPU).
+
+        Sums and counts come from one ``index_add`` of ``[x, 1]`` rows; the update
+        ``c + (Σx - m·c) / (w + m)`` equals ``(w·c + Σx) / (w + m)`` and leaves empty centres as
+        they are.
+        """
+        n, k, d, dev, dt = X.shape[0], self.n_clusters, X.shape[1], X.device, X.dtype
+        X1 = torch.cat([X, X.new_ones(n, 1)], 1)
         counts = torch.zeros(k, device=dev, dtype=dt)
+        acc = torch.empty(k, d + 1, device=dev, dtype=dt)
         since = 0
         step = 0
         while step < budget:
-            idx = torch.randint(0, n, (min(_IDX_BLOCK, budget - step), batch), generator=g,
-                                device=dev)
+            idx = _draw_indices(n, min(_IDX_BLOCK, budget - step), batch, g, dev, indices, step)
             for row in idx:
-                xb = X.index_select(0, row)
+                xb1 = X1.index_select(0, row)
+                xb = xb1[:, :d]
                 labels = _labels(xb, centres)
-                batch_inertia = float(
-                    torch.nn.functional.mse_loss(xb, centres.index_select(0, labels),
-                                                 reduction="sum")
-                )
-                m = torch.bincount(labels, minlength=k).to(dt)
-                acc = (centres * counts[:, None]).index_add_(0, labels, xb)
+                batch_inertia = float(torch.nn.functional.mse_loss(
+                    xb, centres.index_select(0, labels), reduction="sum"))
+                acc.zero_().index_add_(0, labels, xb1)
+                m = acc[:, d]
                 new_counts = counts + m
-                upd = acc / new_counts.clamp(min=1e-30)[:, None]
-                new_centres = torch.where((m > 0)[:, None], upd, centres)
+                new_centres = torch.addcdiv(
+                    centres, torch.addcmul(acc[:, :d], m[:, None], centres, value=-1),
+                    new_counts.clamp(min=1)[:, None])
                 if st.ratio > 0:
                     since += batch
                     if since >= 10 * k or bool((counts == 0).any()):
                         since = 0
-                        low = new_counts < st.ratio * new_counts.max()
-                        if k > st.max_reassign:
-                            rank = new_counts.argsort(stable=True).argsort()
-                            low &= rank < st.max_reassign
-                        r = int(low.sum())
-                        if r:
-                            pick = torch.randperm(batch, generator=g, device=dev)[:r]
-                            new_centres[low] = xb.index_select(0, pick)
-                            new_counts[low] = new_counts[~low].min()
+                        lo, hi = torch.aminmax(new_counts)
+                        if float(lo) < st.ratio * float(hi):
+                            new_centres, new_counts = self._reassign_host(
+                                xb, new_centres, new_counts, st, g)
                 moved = float((new_centres - centres).square().sum()) if st.tol > 0 else 0.0
                 centres, counts = new_centres, new_counts
                 step += 1
@@ -281,7 +282,21 @@ class MiniBatchKMeans:
                     return centres, step
         return centres, step
 
-    def _run_device(self, X, centres, g, batch, budget, st, sync_every):
+    def _reassign_host(self, xb, centres, counts, st, g):
+        """scikit-learn's ``_random_reassign``: starved centres jump to random batch points."""
+        low = counts < st.ratio * counts.max()
+        if self.n_clusters > st.max_reassign:  # at most half a batch: only the lightest
+            low &= counts.argsort(stable=True).argsort() < st.max_reassign
+        r = int(low.sum())
+        if r:
+            pick = torch.randperm(xb.shape[0], generator=g, device=xb.device)[:r]
+            centres = centres.clone()
+            counts = counts.clone()
+            centres[low] = xb.index_select(0, pick)
+            counts[low] = counts[~low].min()
+        return centres, counts
+
+    def _run_device(self, X, centres, g, batch, budget, st, sync_every, indices=None):
         """Step loop with every decision on the device (masks); the host looks every few steps."""
         n, k, dev, dt = X.shape[0], self.n_clusters, X.device, X.dtype
         arange_k = torch.arange(k, device=dev)
@@ -296,8 +311,7 @@ class MiniBatchKMeans:
 
         i = 0
         while i < budget:
-            idx = torch.randint(0, n, (min(_IDX_BLOCK, budget - i), batch), generator=g,
-                                device=dev)
+            idx = _draw_indices(n, min(_IDX_BLOCK, budget - i), batch, g, dev, indices, i)
             for j0 in range(0, idx.shape[0], sync_every):
                 block = min(sync_every, idx.shape[0] - j0)
                 if st.ratio > 0:
@@ -369,6 +383,30 @@ class MiniBatchKMeans:
                 f"{self.cluster_centers_.shape[1]}"
             )
         return _labels_inertia(X.to(self.cluster_centers_.dtype), self.cluster_centers_)[0]
+
+
+def _draw_indices(n, rows, batch, g, dev, indices, start):
+    """The next ``rows`` batches of indices: drawn from ``g``, or taken from fixed ``indices``."""
+    if indices is not None:
+        return indices[start : start + rows]
+    return torch.randint(0, n, (rows, batch), generator=g, device=dev)
+
+
+def _fixed_run(X: torch.Tensor, centres: torch.Tensor, indices: torch.Tensor, *,
+               reassignment_ratio: float = 0.0, sync_every: int = 1,
+               generator: int | torch.Generator | None = 0):
+    """Mini-batch steps from given centres over given batches, no early stopping (for tests).
+
+    Returns (centres, counts-free steps taken). ``sync_every > 1`` runs the device loop.
+    """
+    km = MiniBatchKMeans(centres.shape[0], max_no_improvement=None,
+                         reassignment_ratio=reassignment_ratio, sync_every=sync_every)
+    batch = indices.shape[1]
+    st = _LoopState(km, X.shape[0], batch, 0.0)
+    g = as_generator(generator, X.device)
+    if sync_every == 1:
+        return km._run_host(X, centres.clone(), g, batch, indices.shape[0], st, indices)
+    return km._run_device(X, centres.clone(), g, batch, indices.shape[0], st, sync_every, indices)
 
 
 class _LoopState:

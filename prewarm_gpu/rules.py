@@ -130,18 +130,18 @@ def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                    dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Patches at (image b, row rows[b, p], col cols[b, p]) as (B·P, C·kh·kw), flattened (C, kh, kw).
 
-    One advanced-indexing gather; no Python loop over images or patches.
+    One ``take`` on flat indices (top-left offset + window offsets); no Python loop over images or
+    patches.
     """
-    B, C = images.shape[:2]
-    P = rows.shape[1]
+    B, C, H, W = images.shape
     dev = images.device
     di = torch.arange(kh, device=dev) * dilation[0]
     dj = torch.arange(kw, device=dev) * dilation[1]
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
-    ch = torch.arange(C, device=dev).view(1, 1, C, 1, 1)
-    r = (rows[:, :, None] + di).view(B, P, 1, kh, 1)
-    c = (cols[:, :, None] + dj).view(B, P, 1, 1, kw)
-    return images[b, ch, r, c].reshape(B * P, C * kh * kw)
+    ch = torch.arange(C, device=dev) * (H * W)
+    window = (ch[:, None, None] + di[None, :, None] * W + dj[None, None, :]).reshape(-1)
+    corner = torch.arange(B, device=dev)[:, None] * (C * H * W) + rows * W + cols  # (B, P)
+    flat = images.contiguous().reshape(-1)
+    return flat.take(corner.reshape(-1, 1) + window)
 
 
 def _all_patches(images: torch.Tensor, kh: int, kw: int) -> torch.Tensor:

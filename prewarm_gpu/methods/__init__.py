@@ -1,0 +1,1 @@
+"""The related initialisations of the source documents; each module registers its entries."""

@@ -1,0 +1,33 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+
+def _device() -> str:
+    return os.environ.get("TORCH_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device() -> str:
+    """The device under test: ``TORCH_DEVICE`` (default cpu)."""
+    return _device()
+
+
+@pytest.fixture(scope="session")
+def digits_images() -> torch.Tensor:
+    """scikit-learn's bundled handwritten digits as raw [0, 1] images, (1797, 1, 8, 8) float32."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.from_numpy((d.images / 16.0).astype(np.float32)).unsqueeze(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
