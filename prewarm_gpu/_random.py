@@ -28,6 +28,7 @@ def as_generator(generator: int | torch.Generator | None, device: torch.device) 
         g.manual_seed(generator)
     else:
         raise TypeError(
-            f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}"
+            "generator must be None, an int seed or a torch.Generator, "
+            f"got {type(generator).__name__}"
         )
     return g

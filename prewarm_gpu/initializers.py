@@ -1,11 +1,11 @@
 """The registry of initialisations: name → ``fn(model, *, data=None, generator=None, **options)``.
 
 Every entry mutates ``model`` in place (under ``torch.no_grad()``) and returns a dict of what it did
-(a report; may be empty). ``data`` is a batch of training images on the model's device — standardised
-images as the network sees them — or, where a method needs more, a ``dict`` with ``images`` (the
-standardised batch) and ``raw`` (the same batch as raw [0, 1] pixels). ``generator`` is ``None``, an
-``int`` seed or a ``torch.Generator`` on the model's device. Methods that need data raise a
-``ValueError`` when ``data`` is missing.
+(a report; may be empty). ``data`` is a batch of training images on the model's device —
+standardised images as the network sees them — or, where a method needs more, a ``dict`` with
+``images`` (the standardised batch) and ``raw`` (the same batch as raw [0, 1] pixels). ``generator``
+is ``None``, an ``int`` seed or a ``torch.Generator`` on the model's device. Methods that need data
+raise a ``ValueError`` when ``data`` is missing.
 
 The harness compares any of them paired against ``kaiming`` (same seeds, same protocol).
 """

@@ -1,17 +1,19 @@
 """scikit-learn's MiniBatchKMeans, in batched torch ops on the data's device.
 
 The algorithm is scikit-learn's (``sklearn/cluster/_kmeans.py``, ``MiniBatchKMeans.fit``): a
-validation subsample; ``n_init`` greedy k-means++ candidates, each on its own init subsample, scored by
-inertia on the validation subsample (here the candidates are computed *together*, as one batched
+validation subsample; ``n_init`` greedy k-means++ candidates, each on its own init subsample, scored
+by inertia on the validation subsample (here the candidates are computed *together*, as one batched
 problem); one mini-batch loop from the best candidate with count-weighted centre updates, random
 reassignment of starved centres and early stopping on an exponentially weighted average of the batch
 inertia. The random stream is torch's, so runs agree with scikit-learn in distribution, not draw for
 draw; given the same initial centres and batches the centres agree to float rounding.
 
-No host round-trip per step: early stopping and reassignment are decided on the device with masks,
-and the host looks at the stop flag once every ``sync_every`` steps (steps after the stop are no-ops).
-Labels use ``argmin_j ||c_j||² - 2 x·c_j`` (scikit-learn's own expression) on the CPU and direct
-differences elsewhere (never TF32); inertia is always computed from direct differences.
+On CUDA there is no host round-trip per step: early stopping and reassignment are decided on the
+device with masks, and the host looks at the stop flag once every ``sync_every`` steps (steps after
+the stop are no-ops). On the CPU, where a sync costs nothing, the same decisions are taken on the
+host with fewer ops. Labels use ``argmin_j ||c_j||² - 2 x·c_j`` (scikit-learn's own expression) on
+the CPU and direct differences elsewhere (never TF32); inertia always comes from direct
+differences.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class MiniBatchKMeans:
     then for each centre ``j`` with ``m_j > 0`` batch points:
 
     .. math::
-        c_j \\leftarrow \\frac{w_j c_j + \\sum_{x \\in B_j} x}{w_j + m_j}, \\qquad w_j \\leftarrow w_j + m_j
+        c_j \\leftarrow \\frac{w_j c_j + \\sum_{x \\in B_j} x}{w_j + m_j},
+        \\qquad w_j \\leftarrow w_j + m_j
 
     Args:
         n_clusters: k.
@@ -164,10 +167,13 @@ class MiniBatchKMeans:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.init_size is not None and (not isinstance(self.init_size, int) or self.init_size < 1):
+        bad_init = not isinstance(self.init_size, int) or self.init_size < 1
+        if self.init_size is not None and bad_init:
             raise ValueError(f"init_size must be None or a positive int, got {self.init_size!r}")
         if self.max_no_improvement is not None and self.max_no_improvement < 0:
-            raise ValueError(f"max_no_improvement must be None or >= 0, got {self.max_no_improvement}")
+            raise ValueError(
+                f"max_no_improvement must be None or >= 0, got {self.max_no_improvement}"
+            )
         if not 0 <= self.reassignment_ratio:
             raise ValueError(f"reassignment_ratio must be >= 0, got {self.reassignment_ratio}")
         if not 0 <= self.tol:

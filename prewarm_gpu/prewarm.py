@@ -69,7 +69,7 @@ def distance_weights(patch_size: int | tuple[int, int], *, device=None, dtype=to
 def extract_patches(images: torch.Tensor, patch_size: int | tuple[int, int], n_patches: int, *,
                     dilation: int | tuple[int, int] = 1,
                     generator: int | torch.Generator | None = None) -> torch.Tensor:
-    """``n_patches`` random windows per image, flattened (C, K_h, K_w): shape (B·n_patches, C·K_h·K_w).
+    """``n_patches`` random windows per image, flattened (C, K_h, K_w): (B·n_patches, C·K_h·K_w).
 
     Positions are uniform over every valid top-left corner (as Listing 1's ``random.randint``),
     drawn on the images' device; image-major order, as Listing 1. Not mean-centred.

@@ -1,8 +1,8 @@
 """Pre-Warm's closed-form rules (§4.3-4.4, eq. 4-6, Table 2), on the input's device.
 
 `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
-(2026). Every statistic accepts one tensor or an iterable of tensors (chunks of a dataset too large to
-hold at once); chunked and whole-tensor results agree.
+(2026). Every statistic accepts one tensor or an iterable of tensors (chunks of a dataset too
+large to hold at once); chunked and whole-tensor results agree.
 
 ============  ===============================  ====================================
 parameter     grayscale (C = 1)                colour (C = 3; used for any C > 1)
@@ -66,7 +66,8 @@ def otsu_threshold(
     """Otsu's threshold (eq. 4) by an on-device histogram.
 
     .. math::
-        \\tau^* = \\arg\\max_\\tau \\; \\omega_0(\\tau)\\,\\omega_1(\\tau)\\,[\\mu_0(\\tau) - \\mu_1(\\tau)]^2
+        \\tau^* = \\arg\\max_\\tau \\; \\omega_0(\\tau)\\,\\omega_1(\\tau)\\,
+        [\\mu_0(\\tau) - \\mu_1(\\tau)]^2
 
     ``nbins`` equal bins over the data's [min, max] (or ``value_range``); τ* is the centre of the
     maximising bin (scikit-image's convention; MNIST's raw pixels give 113.5/256 = 0.4434, the
@@ -111,7 +112,7 @@ def otsu_threshold(
 def foreground_density(
     x: torch.Tensor | Iterable[torch.Tensor], threshold: float | None = None
 ) -> float:
-    """Foreground density ``d = (1/N) Σ 1[x_i > τ*]`` (§4.3), with τ* from :func:`otsu_threshold`."""
+    """Foreground density ``d = (1/N) Σ 1[x_i > τ*]`` (§4.3); τ* from :func:`otsu_threshold`."""
     chunks = _chunks(x)
     if threshold is None:
         threshold = otsu_threshold(chunks)
@@ -128,7 +129,7 @@ def _positions(n_images, h, w, kh, kw, n_patches, g, device):
 
 def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, kh: int, kw: int,
                    dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
-    """Patches at (image b, row rows[b, p], col cols[b, p]) as (B·P, C·kh·kw), flattened (C, kh, kw).
+    """Patches at (b, rows[b, p], cols[b, p]) as (B·P, C·kh·kw), flattened (C, kh, kw).
 
     One ``take`` on flat indices (top-left offset + window offsets); no Python loop over images or
     patches.
@@ -199,7 +200,7 @@ def mean_patch_norm(
 
 
 def n_patches_grayscale(d: float, n_filters: int = 32) -> int:
-    """Eq. 5: ``n_patches = ⌊(F/4) · (1/d)⌋``. MNIST (d = 0.1373) → 58; Fashion-MNIST (0.3602) → 22."""
+    """Eq. 5: ``n_patches = ⌊(F/4) · (1/d)⌋``. MNIST (d = 0.1373) → 58; Fashion (0.3602) → 22."""
     if not (isinstance(d, (int, float)) and 0 < d <= 1):
         raise ValueError(f"foreground density d must be in (0, 1], got {d}")
     return int(math.floor((n_filters / 4) / d))

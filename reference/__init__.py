@@ -9,9 +9,9 @@ repository root (pytest's ``pythonpath = ["."]``).
 Global random state
 -------------------
 ``conditioned_init`` does what Listing 1 does: it calls ``torch.manual_seed(seed)``,
-``random.seed(seed)`` and ``np.random.seed(seed)`` before extracting patches, so it *resets the global
-RNGs of torch, Python and numpy as a side effect*, and patch positions come from Python's global
-``random`` module. ``prewarm_gpu`` never does this; it takes one ``generator`` instead.
+``random.seed(seed)`` and ``np.random.seed(seed)`` before extracting patches, so it *resets the
+global RNGs of torch, Python and numpy as a side effect*, and patch positions come from Python's
+global ``random`` module. ``prewarm_gpu`` never does this; it takes one ``generator`` instead.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- Listing 1
 def extract_patches(images, patch_size: int, n_patches: int, positions=None) -> np.ndarray:
-    """Listing 1's ``extract_patches``: ``n_patches`` random K×K patches per image, flattened (C, K, K).
+    """Listing 1's ``extract_patches``: ``n_patches`` random K×K patches per image, as (C, K, K).
 
     Args:
         images: a (B, C, H, W) torch tensor or numpy array.
@@ -73,7 +73,7 @@ def extract_patches(images, patch_size: int, n_patches: int, positions=None) -> 
 def distance_weights(patch_size: int) -> np.ndarray:
     """Listing 1's inverse-Manhattan weights: ``w[i, j] = 1 / (1 + |i - c| + |j - c|)``, c = K // 2.
 
-    Flattened row-major, length K². For K = 3: 1 at the centre, 1/2 on the edges, 1/3 at the corners.
+    Flattened row-major, length K². For K = 3: 1 at the centre, 1/2 on edges, 1/3 at corners.
     """
     c = patch_size // 2
     weights = [
