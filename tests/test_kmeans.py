@@ -146,3 +146,16 @@ def test_inertia_and_steps_in_distribution_with_sklearn(digits_images):
     assert abs(np.mean(ours) / np.mean(theirs) - 1) < 0.01, (np.mean(ours), np.mean(theirs))
     assert mannwhitneyu(s_ours, s_theirs).pvalue > 0.01, (s_ours, s_theirs)
     assert abs(np.median(s_ours) - np.median(s_theirs)) <= 0.5 * np.median(s_theirs)
+
+
+def test_direct_difference_branch_agrees_with_cpu_expression():
+    # CUDA labels by direct differences and seeds k-means++ with them; check on the CPU that both
+    # expressions give the same labels and (to rounding) the same seeding distances.
+    from prewarm_gpu.kmeans import _labels, _pp_dists, _sq_dists
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 500, 27, generator=gen)
+    c = torch.randn(3, 4, 27, generator=gen)
+    torch.testing.assert_close(_pp_dists(x, x.square().sum(-1), c), _sq_dists(c, x),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.equal(_labels(x[0], c[0]), _sq_dists(x[0], c[0]).argmin(1))
