@@ -1,0 +1,305 @@
+"""Clustered filters of trained models (single-filter clustering), saved as a reusable bank.
+
+`Learning an Informed CNN Initialization for Image Classification` - Ulm, Bayer, Diaz-Bone & Jüni
+(code: ``janulm/deep-learning-advanced-initialization``). For each conv layer, every 2-D kernel
+``w[o, c]`` (k_h × k_w) of every trained model is one sample; :class:`prewarm_gpu.MiniBatchKMeans`
+clusters them into centres ``μ_j`` with sizes ``n_j``. A new model's every (out, in) slice is a
+centre drawn from the cluster-size pdf, copied as is:
+
+.. math::
+    w[o, c] = \\mu_{J_{o,c}}, \\qquad P(J = j) = n_j / \\textstyle\\sum_i n_i .
+
+Variants (``variant=``):
+
+- ``"euclidean"``: k-means on the raw kernels.
+- ``"fourier"``, as their code does it (the report says "magnitude" but the code clusters
+  ``real(fft2(w))``): features ``Re F(w)``, centres mapped back with ``real(ifft2(·))``. Since
+  ``Re F(w)`` is the transform of the even part ``(w[n] + w[-n mod N]) / 2``, every fourier
+  centre is **point-symmetric**, ``μ[n] = μ[-n mod N]`` (circularly, per axis): the odd (edge-like)
+  part of the trained filters is lost. By Parseval this is k-means on the even parts.
+
+The bank (:func:`build_bank`, :func:`save_bank`, :func:`load_bank`) holds per conv layer name the
+centres (k, k_h, k_w) and pdf (k,), so users need no pool of pretrained models; a layer of a new
+model is filled when its name is in the bank and its kernel size matches. 1×1 convs are not banked
+(Ulm et al. exclude the 1×1 downsample convs). The trained filters' magnitude is kept unless
+``match_he=True`` rescales each filled layer to the He std ``sqrt(2 / fan_in)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._random import as_generator
+from ..initializers import register
+from ..kmeans import MiniBatchKMeans
+
+__all__ = ["build_bank", "build_bank_from_runs", "save_bank", "load_bank", "filterbank_",
+           "conv_kernels", "filterbank", "VARIANTS"]
+
+VARIANTS = ("euclidean", "fourier")
+FORMAT = "prewarm_gpu.filterbank/1"
+
+Source = Mapping[str, torch.Tensor] | str | os.PathLike
+
+
+def _load_state_dict(source: Source) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, (str, os.PathLike)):
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{source} holds a {type(obj).__name__}, not a state dict")
+        return obj
+    if isinstance(source, nn.Module):
+        return source.state_dict()
+    if isinstance(source, Mapping):
+        return source
+    raise TypeError(f"a source must be a state dict or a path, got {type(source).__name__}")
+
+
+def conv_kernels(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{conv name: its 2-D kernels (out·in, k_h, k_w)}, every 4-D ``*.weight`` with k_h·k_w > 1."""
+    out = {}
+    for key, w in state_dict.items():
+        if key.endswith(".weight") and isinstance(w, torch.Tensor) and w.ndim == 4:
+            if w.is_floating_point() and w.shape[2] * w.shape[3] > 1:
+                out[key[: -len(".weight")]] = w.detach().reshape(-1, *w.shape[2:])
+    return out
+
+
+def _features(kernels: torch.Tensor, variant: str) -> torch.Tensor:
+    if variant == "fourier":
+        kernels = torch.fft.fft2(kernels.double()).real
+    return kernels.reshape(kernels.shape[0], -1)
+
+
+def _centres(features: torch.Tensor, kernel_size: tuple[int, int], variant: str) -> torch.Tensor:
+    c = features.reshape(-1, *kernel_size)
+    if variant == "fourier":
+        c = torch.fft.ifft2(c.double()).real
+    return c
+
+
+def build_bank(
+    sources: Iterable[Source],
+    *,
+    n_clusters: int = 3,
+    variant: str = "euclidean",
+    layers: Iterable[str] | None = None,
+    generator: int | torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Cluster the 2-D kernels of each conv layer over trained models (Ulm et al.).
+
+    .. math::
+        \\{\\mu_j, n_j\\} = \\text{k-means}\\big(\\{\\phi(w^{(m)}[o, c])\\}_{m, o, c}\\big),\\quad
+        \\phi = \\text{id (euclidean)}\\ \\text{or}\\ \\operatorname{Re}\\,\\mathrm{fft2}
+        \\ \\text{(fourier)}
+
+    Args:
+        sources: trained models' state dicts, or paths of ``torch.save``d state dicts (a dict
+            with a ``"state_dict"`` entry also works).
+        n_clusters: k per layer (their best: 3).
+        variant: ``"euclidean"`` or ``"fourier"`` (see the module docstring).
+        layers: conv names to bank (default: every conv with k_h·k_w > 1).
+        generator: ``None``, an ``int`` seed or a CPU ``torch.Generator`` (clusters on the CPU).
+
+    Returns:
+        ``{"format", "variant", "n_clusters", "n_models", "layers": {name: {"centres" (k, k_h,
+        k_w), "pdf" (k,), "n_kernels"}}}``: plain tensors and numbers (see :func:`save_bank`).
+
+    Examples:
+        >>> bank = build_bank([m1.state_dict(), m2.state_dict()], n_clusters=3, generator=0)
+        >>> bank["layers"]["conv1"]["centres"].shape
+        torch.Size([3, 3, 3])
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+        raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    dicts = [_load_state_dict(s) for s in sources]
+    if not dicts:
+        raise ValueError("build_bank needs at least one trained model's state dict")
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for sd in dicts:
+        for name, k in conv_kernels(sd).items():
+            pooled.setdefault(name, []).append(k)
+    if layers is not None:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        missing = sorted(set(layers) - set(pooled))
+        if missing:
+            raise ValueError(f"layers {missing} are not convs (k > 1) of the given models; "
+                             f"found {sorted(pooled)}")
+        pooled = {n: pooled[n] for n in layers}
+    if not pooled:
+        raise ValueError("the given models have no conv layer with a kernel larger than 1×1")
+    for name, ks in pooled.items():
+        sizes = {tuple(k.shape[1:]) for k in ks}
+        if len(sizes) > 1:
+            raise ValueError(f"layer {name!r} has different kernel sizes across models: {sizes}")
+        n = sum(k.shape[0] for k in ks)
+        if n < n_clusters:
+            raise ValueError(f"layer {name!r}: n_samples={n} kernels should be >= "
+                             f"n_clusters={n_clusters}.")
+    g = as_generator(generator, torch.device("cpu"))
+    out = {}
+    for name, ks in pooled.items():
+        kernels = torch.cat([k.to("cpu", torch.float64) for k in ks])
+        ksize = tuple(kernels.shape[1:])
+        km = MiniBatchKMeans(n_clusters, random_state=g).fit(_features(kernels, variant).float())
+        counts = torch.bincount(km.labels_, minlength=n_clusters).double()
+        out[name] = {
+            "centres": _centres(km.cluster_centers_, ksize, variant).float().contiguous(),
+            "pdf": (counts / counts.sum()).float(),
+            "n_kernels": int(kernels.shape[0]),
+        }
+    return {"format": FORMAT, "variant": variant, "n_clusters": n_clusters,
+            "n_models": len(dicts), "layers": out}
+
+
+def _run_models(run_dir: str | os.PathLike, dataset: str | None, init: str | None) -> list[Path]:
+    """``<run_dir>/models/<dataset>-<init>-<seed>.pt`` files, filtered by dataset and init."""
+    files = sorted(Path(run_dir, "models").glob("*.pt"))
+    picked = []
+    for f in files:
+        parts = f.stem.rsplit("-", 2)  # a dataset name may contain '-'; init and seed may not
+        if len(parts) != 3:
+            continue
+        ds, ini, _ = parts
+        if (dataset is None or ds == dataset) and (init is None or ini == init):
+            picked.append(f)
+    return picked
+
+
+def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
+                         init: str | None = None, **options) -> dict[str, Any]:
+    """:func:`build_bank` from the harness's trained models.
+
+    Reads the state dicts ``<run_dir>/models/<dataset>-<init>-<seed>.pt`` (``torch.save``).
+
+    Args:
+        run_dir: the harness's output folder.
+        dataset, init: keep only the runs of this dataset / initialisation (default: all).
+        **options: :func:`build_bank`'s keywords (``n_clusters``, ``variant``, ``layers``,
+            ``generator``).
+    """
+    files = _run_models(run_dir, dataset, init)
+    if not files:
+        raise ValueError(
+            f"no trained models in {Path(run_dir, 'models')} (looked for "
+            f"<dataset>-<init>-<seed>.pt, dataset={dataset!r}, init={init!r})"
+        )
+    bank = build_bank(files, **options)
+    bank["sources"] = [f.name for f in files]
+    return bank
+
+
+def save_bank(bank: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a bank with ``torch.save`` (plain tensors, numbers and strings only)."""
+    _check_bank(bank)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(bank), path)
+
+
+def load_bank(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a bank written by :func:`save_bank` (``weights_only=True``: no code is unpickled)."""
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    _check_bank(bank, str(path))
+    return bank
+
+
+def _check_bank(bank: Any, where: str = "bank") -> None:
+    if not isinstance(bank, Mapping) or bank.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a filter bank (expected format {FORMAT!r}); "
+                         "build one with build_bank / `prewarm-gpu filterbank build`")
+    if not bank.get("layers"):
+        raise ValueError(f"{where}: the filter bank is empty (no layers)")
+    for name, e in bank["layers"].items():
+        c, p = e.get("centres"), e.get("pdf")
+        if not (isinstance(c, torch.Tensor) and c.ndim == 3 and isinstance(p, torch.Tensor)
+                and p.shape == (c.shape[0],) and bool((p >= 0).all()) and float(p.sum()) > 0):
+            raise ValueError(f"{where}: layer {name!r} needs centres (k, k_h, k_w) and pdf (k,)")
+
+
+def filterbank_(
+    model: nn.Module,
+    bank: Mapping[str, Any] | str | os.PathLike,
+    *,
+    match_he: bool = False,
+    layers: Iterable[str] | None = None,
+    generator: int | torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Fill every (out, in) slice of each matching Conv2d with a bank centre drawn by cluster size.
+
+    .. math::
+        w[o, c] = \\mu_J,\\quad J \\sim \\text{Categorical}(n_1/n, \\dots, n_k/n)
+        \\quad (\\text{then}\\
+        w \\leftarrow w \\cdot \\sqrt{2/\\text{fan\\_in}}/\\operatorname{std}(w)
+        \\ \\text{if match\\_he})
+
+    Args:
+        model: the network; a Conv2d matches when its name is in the bank and its kernel size is
+            the bank's. Biases and every other layer are left as they are.
+        bank: a bank (:func:`build_bank`) or the path of a saved one.
+        match_he: rescale each filled layer to the He std ``sqrt(2 / fan_in)`` (one factor).
+        layers: fill only these conv names (default: every match).
+        generator: ``None``, an ``int`` seed or a ``torch.Generator`` on the model's device.
+
+    Returns:
+        ``{"filled": [names], "unmatched": [model convs not filled], "std": {name: std}}``.
+    """
+    if isinstance(bank, (str, os.PathLike)):
+        bank = load_bank(bank)
+    _check_bank(bank)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if layers is not None:
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        missing = sorted(set(layers) - set(convs))
+        if missing:
+            raise ValueError(f"layers {missing} are not Conv2d layers of {type(model).__name__}")
+        convs = {n: convs[n] for n in layers}
+    entries = bank["layers"]
+    matched = {n: m for n, m in convs.items()
+               if n in entries and tuple(entries[n]["centres"].shape[1:]) == tuple(m.kernel_size)}
+    if not matched:
+        raise ValueError(
+            f"no Conv2d of {type(model).__name__} matches the bank (by name and kernel size): "
+            f"model convs {[(n, tuple(m.kernel_size)) for n, m in convs.items()]}, bank layers "
+            f"{[(n, tuple(e['centres'].shape[1:])) for n, e in entries.items()]}"
+        )
+    device = next(iter(matched.values())).weight.device
+    g = as_generator(generator, device)
+    stds = {}
+    with torch.no_grad():
+        for name, conv in matched.items():
+            w = conv.weight
+            centres = entries[name]["centres"].to(device, torch.float64)
+            pdf = entries[name]["pdf"].to(device, torch.float64)
+            idx = torch.multinomial(pdf, w.shape[0] * w.shape[1], replacement=True, generator=g)
+            new = centres[idx].reshape(w.shape)
+            if match_he:
+                std = new.std(unbiased=False)
+                if std > 0:
+                    new = new * ((2.0 / w[0].numel()) ** 0.5 / std)
+            w.copy_(new)
+            stds[name] = float(new.std(unbiased=False))
+    return {"filled": list(matched), "unmatched": [n for n in convs if n not in matched],
+            "std": stds}
+
+
+@register("filterbank")
+def filterbank(model: nn.Module, *, data=None, generator=None, bank=None,
+               **options) -> dict[str, Any]:
+    """Clustered filters (:func:`filterbank_`); needs ``bank=`` (path or bank), not data.
+
+    Options: ``bank``, ``match_he``, ``layers``.
+    """
+    if bank is None:
+        raise ValueError("filterbank needs bank=: a bank file from `prewarm-gpu filterbank build` "
+                         "(or prewarm_gpu.methods.filterbank.build_bank)")
+    return filterbank_(model, bank, generator=generator, **options)
