@@ -1,0 +1,278 @@
+"""``prewarm-gpu``: reproduce the paper's experiment, or print a dataset's Pre-Warm statistics.
+
+Usage::
+
+    prewarm-gpu reproduce        # digits, 8 seeds, Kaiming vs Pre-Warm (about a minute on CPU)
+    prewarm-gpu reproduce --dataset all --data-dir data --download --plot   # the paper's Table 3
+    prewarm-gpu reproduce --dataset mnist --seeds 42 7 --steps 500 --init kaiming prewarm lsuv
+    prewarm-gpu reproduce --out runs/digits --resume   # finish an interrupted sweep
+    prewarm-gpu stats --dataset mnist --data-dir data   # Table 1's derived quantities
+
+Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
+2 bad arguments, missing data, or results already in ``--out`` without ``--resume``;
+130 interrupted (finished runs are kept; rerun with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
+
+__all__ = ["main", "build_parser", "parse_init_options", "stats_table"]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _datasets(names: list[str]) -> list[str]:
+    if any(n.lower() == "all" for n in names):
+        return list(PAPER_DATASETS)
+    return list(dict.fromkeys(canonical_name(n) for n in names))
+
+
+def _value(text: str) -> Any:
+    """A CLI option value: JSON (numbers, true/false/null, lists) if it parses, else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["prewarm.scale=0.25", "lsuv.tol=0.01"]`` → ``{"prewarm": {"scale": 0.25}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        name_key, sep, value = item.partition("=")
+        name, dot, key = name_key.partition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"--init-option expects NAME.KEY=VALUE (e.g. prewarm.scale=0.25), "
+                             f"got {item!r}")
+        out.setdefault(name, {})[key] = _value(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary = __doc__.split("\n\n")[0].replace("``", "")
+    p = argparse.ArgumentParser(prog="prewarm-gpu", description=summary,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    names = ", ".join(DATASETS)
+
+    r = sub.add_parser("reproduce", help="run the paired sweep and print Table 3",
+                       description="Train every (dataset, seed, init) run of §3's protocol, paired "
+                       "on Kaiming, and print Table 3 as Markdown.")
+    r.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME",
+                   help=f"{names}, or 'all' (the paper's five). Default: digits")
+    r.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="default: the paper's 42 7 13 99 2025 1 8 21")
+    r.add_argument("--init", nargs="+", default=["kaiming", "prewarm"], metavar="NAME",
+                   help="initialisations; each one besides kaiming is compared paired against "
+                   "kaiming (default: kaiming prewarm)")
+    r.add_argument("--init-option", action="append", metavar="NAME.KEY=VALUE",
+                   help="keyword for an initialiser, e.g. prewarm.scale=0.25 (repeatable; the "
+                   "value is read as JSON, else as a string)")
+    r.add_argument("--bank", metavar="FILE", help="filter bank for 'filterbank' (option bank=FILE)")
+    r.add_argument("--steps", type=int, help="training steps N (default: Table 1's 5000; "
+                   "digits: 150)")
+    r.add_argument("--batch-size", type=int, default=256, help="(256, §3.3)")
+    r.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
+    r.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
+    r.add_argument("--aux-weight", type=float, default=0.3,
+                   help="weight of auxiliary-head losses, for models that have them (0.3)")
+    r.add_argument("--target-loss", type=float, default=0.5,
+                   help="report the steps until the training loss falls below this (0.5)")
+    r.add_argument("--eval-points", type=int, default=10,
+                   help="test-accuracy checkpoints per run, for the curves (10)")
+    r.add_argument("--device", default=_default_device(),
+                   help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default on a CPU device: half the logical CPUs, "
+                   "at least 1 — small convs gain little from more, and oversubscribed OpenMP "
+                   "threads slow down tenfold on a busy machine)")
+    r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the model in NCHW (default: channels_last)")
+    r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
+                   "runs/all for --dataset all)")
+    r.add_argument("--resume", action="store_true",
+                   help="complete the sweep in --out: run only the runs missing from results.jsonl")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="with --resume, also rerun runs recorded as failed")
+    r.add_argument("--plot", action="store_true",
+                   help="write filters_<dataset>.png and curves_<dataset>.png (needs matplotlib)")
+    r.add_argument("--save-models", action="store_true",
+                   help="save trained state dicts to <out>/models/<dataset>-<init>-<seed>.pt")
+    r.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="torchvision's dataset root (default: ./data; unused for digits)")
+    r.add_argument("--download", action="store_true",
+                   help="let torchvision download missing datasets into --data-dir")
+    r.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+    s = sub.add_parser("stats", help="print Table 1's derived quantities for a dataset",
+                       description="Otsu τ*, foreground density d, mean patch norm, n_patches (eq. "
+                       "5 for grayscale, eq. 6 for colour) and σ, over the whole training split.")
+    s.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME",
+                   help=f"{names}, or 'all'")
+    s.add_argument("--data-dir", type=Path, default=Path("data"))
+    s.add_argument("--download", action="store_true")
+    s.add_argument("--device", default=_default_device())
+    s.add_argument("--n-filters", type=int, default=32, help="F, conv1's filters (32)")
+    return p
+
+
+# --- reproduce -----------------------------------------------------------------------------------
+
+def _sweep_config(args: argparse.Namespace):
+    from .harness import SEEDS, SweepConfig
+
+    datasets = _datasets(args.dataset)
+    options = parse_init_options(args.init_option)
+    if args.bank:
+        options.setdefault("filterbank", {})["bank"] = args.bank
+    for name in options:
+        if name not in args.init:
+            warnings.warn(f"options given for {name!r}, which is not in --init; ignored",
+                          stacklevel=2)
+    out = args.out or Path("runs") / ("all" if list(datasets) == list(PAPER_DATASETS)
+                                      else "+".join(datasets))
+    return SweepConfig(
+        datasets=datasets, seeds=list(dict.fromkeys(args.seeds or SEEDS)), inits=list(args.init),
+        init_options=options, out=out, device=args.device, data_dir=args.data_dir,
+        download=args.download, resume=args.resume, retry_failed=args.retry_failed,
+        save_models=args.save_models, plot=args.plot, progress=args.progress, steps=args.steps,
+        batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
+        eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
+        channels_last=args.channels_last,
+    )
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .harness import RESULTS, SUMMARY, run_sweep
+
+    config = _sweep_config(args)
+    args.out = config.out  # for the interruption message
+    table = run_sweep(config)
+    print(table, flush=True)
+    print(f"\nresults: {config.out / RESULTS}, {SUMMARY}, table.md", file=sys.stderr)
+    summary = json.loads((config.out / SUMMARY).read_text(encoding="utf-8"))
+    failed = sum(len(e["failed"]) for e in summary["datasets"].values())
+    return 1 if failed else 0
+
+
+# --- stats ---------------------------------------------------------------------------------------
+
+def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
+    return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
+
+
+def stats_row(name: str, *, data_dir: Path, download: bool, device: str,
+              n_filters: int = 32) -> dict[str, Any]:
+    """Table 1's derived quantities for one dataset, over its whole training split."""
+    from . import rules
+    from .data import load_dataset
+    from .models import fc_dim
+
+    data = load_dataset(name, data_dir=data_dir, download=download, device=device)
+    s = data.spec
+    # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
+    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
+    tau = rules.otsu_threshold(chunks, nbins=256)
+    d = rules.foreground_density(chunks, threshold=tau)
+    norm = rules.mean_patch_norm(chunks, 3)
+    gray = s.in_channels == 1
+    n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
+                 else rules.n_patches_color(norm, n_filters))
+    return {"dataset": s.title, "in_channels": s.in_channels,
+            "image": f"{s.image_size[0]}×{s.image_size[1]}", "fc_dim": fc_dim(s.image_size),
+            "lr": f"{s.lr_start:g}→{s.lr_end:g}", "otsu_tau": tau, "d": d, "mean_patch_norm": norm,
+            "n_patches": n_patches, "rule": "eq. 5 (Otsu)" if gray else "eq. 6 (patch norm)",
+            "scale": rules.default_scale(s.in_channels, 3),
+            "paper": (f"{s.paper_n_patches} / {s.paper_scale:.2f}"
+                      if s.paper_n_patches is not None else "—")}
+
+
+def stats_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of :func:`stats_row` as a Markdown table (Table 1's columns plus the statistics)."""
+    out = ["| Dataset | C_in | Image | FC dim | η_start→η_end | Otsu τ* | d | mean ‖p̃‖₂ | "
+           "n_patches | rule | σ | paper n_patches / σ |",
+           "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['dataset']} | {r['in_channels']} | {r['image']} | {r['fc_dim']} | "
+                   f"{r['lr']} | {r['otsu_tau']:.4f} | {r['d']:.4f} | {r['mean_patch_norm']:.4f} | "
+                   f"{r['n_patches']} | {r['rule']} | {r['scale']:.2f} | {r['paper']} |")
+    return "\n".join(out)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    rows = [stats_row(n, data_dir=args.data_dir, download=args.download, device=args.device,
+                      n_filters=args.n_filters) for n in _datasets(args.dataset)]
+    print(stats_table(rows))
+    print("\nτ*, d over every training pixel; mean ‖p̃‖₂ over every 3×3 patch position of the raw "
+          "[0, 1] training images; n_patches by the rule for the dataset's channel count; σ of "
+          "Table 2 capped at the Kaiming parity bound.", file=sys.stderr)
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """``--threads``, else half the logical CPUs for a CPU device (else leave torch's default)."""
+    if getattr(args, "threads", None):
+        return args.threads
+    if torch.device(getattr(args, "device", "cpu")).type == "cpu":
+        return max(1, (os.cpu_count() or 2) // 2)
+    return None
+
+
+def _on_sigterm(signum, frame):  # a kill ends the sweep like Ctrl-C: finished runs are on disk
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``prewarm-gpu`` (and ``python -m prewarm_gpu``)."""
+    args = build_parser().parse_args(argv)
+    threads, old_threads = _threads(args), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    from .harness import ResultsExistError
+
+    old_showwarning, old_sigterm = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    warnings.showwarning = _show_warning
+    if old_sigterm is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _reproduce(args) if args.command == "reproduce" else _stats(args)
+    except (ResultsExistError, DatasetNotFoundError, KeyError, ValueError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"prewarm-gpu: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f" in {out}" if out else ""
+        print(f"\nprewarm-gpu: interrupted; every finished run is kept{where} (results.jsonl). "
+              "Run the same command with --resume to complete the sweep.", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(old_threads)
+        warnings.showwarning = old_showwarning
+        if old_sigterm is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, old_sigterm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

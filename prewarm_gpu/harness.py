@@ -1,0 +1,753 @@
+"""The paper's experiment as a resumable sweep: datasets × seeds × inits, paired on Kaiming.
+
+`Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
+(2026), §3 and Table 3. For every (dataset, seed) the Kaiming run and each method's run share the
+seed's base weights (models are built under a forked, seeded CPU RNG) and its data order (a
+``torch.Generator`` on the device), so a pair differs only by the initialisation. A method whose
+function has ``requires_model = "<arch>"`` runs on that architecture (:data:`models.MODELS`) and
+is paired with a Kaiming run on the same architecture; Kaiming runs once per (architecture, seed).
+
+Output folder (``--out``):
+
+- ``results.jsonl``: one JSON object per finished run (ok or failed), appended, flushed and fsync'd
+  when the run ends; a corrupt or truncated line is skipped with a warning.
+- ``summary.json``: per dataset and method, the paired statistics and per-seed numbers.
+- ``table.md``: Table 3 in Markdown, plus mean steps to the target training loss.
+- ``models/<dataset>-<init>-<seed>.pt`` (``--save-models``): trained state dicts, what
+  :func:`prewarm_gpu.methods.filterbank.build_bank_from_runs` reads.
+- ``filters_<dataset>.png``, ``curves_<dataset>.png`` (``--plot``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import initializers
+from .data import (
+    DATASETS,
+    ImageData,
+    canonical_name,
+    first_batch_indices,
+    load_dataset,
+    missing_files,
+)
+from .models import MODELS, build_model
+from .stats import PairedStats, paired_stats, table3_markdown
+from .train import TrainConfig, TrainResult, train
+
+__all__ = [
+    "SEEDS",
+    "DEFAULT_ARCH",
+    "SweepConfig",
+    "RunSpec",
+    "ResultsExistError",
+    "plan_runs",
+    "build_arm",
+    "run_one",
+    "read_results",
+    "append_result",
+    "summarise",
+    "render_tables",
+    "run_sweep",
+    "environment",
+]
+
+SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
+DEFAULT_ARCH = "simplecnn"
+BASELINE = "kaiming"
+PROTOCOL = 1  # bump when a change to the training code changes results: old runs then rerun
+RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"
+
+
+class ResultsExistError(FileExistsError):
+    """``--out`` already holds results and ``--resume`` was not given."""
+
+
+@dataclass
+class SweepConfig:
+    """One sweep; ``None`` fields take the dataset's Table 1 value."""
+
+    datasets: list[str] = field(default_factory=lambda: ["digits"])
+    seeds: list[int] = field(default_factory=lambda: list(SEEDS))
+    inits: list[str] = field(default_factory=lambda: ["kaiming", "prewarm"])
+    init_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # init → its keywords
+    out: Path = Path("runs/digits")
+    device: str = "cpu"
+    data_dir: Path = Path("data")
+    download: bool = False
+    resume: bool = False
+    retry_failed: bool = False  # with resume: rerun runs recorded as failed
+    save_models: bool = False  # write models/<dataset>-<init>-<seed>.pt
+    plot: bool = False
+    progress: bool = True  # tqdm bar on stderr
+    steps: int | None = None  # N (Table 1: 5000; digits: 150)
+    batch_size: int = 256
+    lr_start: float | None = None
+    lr_end: float | None = None
+    eval_points: int = 10
+    loss_points: int = 100
+    aux_weight: float = 0.3
+    target_loss: float = 0.5
+    channels_last: bool = True  # NHWC model (both arms alike): ~30 % faster convs on CPU
+
+    def train_config(self, dataset: str) -> TrainConfig:
+        """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
+        spec = DATASETS[dataset]
+        return TrainConfig(
+            steps=self.steps or spec.steps,
+            batch_size=self.batch_size,
+            lr_start=spec.lr_start if self.lr_start is None else self.lr_start,
+            lr_end=spec.lr_end if self.lr_end is None else self.lr_end,
+            eval_points=self.eval_points,
+            loss_points=self.loss_points,
+            aux_weight=self.aux_weight,
+            target_loss=self.target_loss,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run; :attr:`key` identifies it in ``results.jsonl`` (for ``--resume``)."""
+
+    dataset: str
+    arch: str
+    init: str
+    seed: int
+    options: tuple[tuple[str, Any], ...]  # the initialiser's keywords, sorted
+    train: TrainConfig
+    device_type: str  # "cpu"/"cuda": the data order (randperm) depends on it
+    channels_last: bool
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the run's result (``target_loss`` does not: it is recomputed
+        from the stored loss curve; ``eval_batch_size`` does not either)."""
+        t = asdict(self.train)
+        for k in ("target_loss", "eval_batch_size"):
+            t.pop(k)
+        return {"dataset": self.dataset, "arch": self.arch, "init": self.init,
+                "options": _jsonable(dict(self.options)), "train": t,
+                "device_type": self.device_type, "channels_last": self.channels_last,
+                "protocol": PROTOCOL}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.config, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.arch}/{self.init}/seed={self.seed}/{self.config_hash}"
+
+    @property
+    def label(self) -> str:
+        arch = "" if self.arch == DEFAULT_ARCH else f"@{self.arch}"
+        return f"{self.dataset} {self.init}{arch} seed {self.seed}"
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def _arch_of(init: str) -> str:
+    """The architecture an initialiser needs (its ``requires_model``), else SimpleCNN."""
+    return getattr(initializers.get(init), "requires_model", None) or DEFAULT_ARCH
+
+
+def methods_of(config: SweepConfig) -> list[str]:
+    """The non-baseline initialisations, in the order given."""
+    return [i for i in dict.fromkeys(config.inits) if i != BASELINE]
+
+
+def plan_runs(config: SweepConfig) -> list[RunSpec]:
+    """Every run of the sweep, grouped by dataset then seed, Kaiming first within a seed — so an
+    interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed)."""
+    for init in config.inits:
+        initializers.get(init)  # KeyError listing the known names
+    if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise ValueError(f"seeds must be non-negative ints, got {config.seeds}")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds must be distinct, got {config.seeds}")
+    methods = methods_of(config)
+    if not methods:
+        raise ValueError(f"nothing to compare: --init needs a method besides {BASELINE!r}, "
+                         f"got {config.inits}")
+    archs = list(dict.fromkeys(_arch_of(m) for m in methods))
+    for arch in archs:
+        if arch not in MODELS:
+            raise KeyError(f"unknown model {arch!r} (required by an initialiser); known: "
+                           f"{sorted(MODELS)}")
+    dev = torch.device(config.device).type
+    specs = []
+    for ds in config.datasets:
+        tc = config.train_config(ds)
+        for seed in config.seeds:
+            for arch in archs:
+                specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev, config.channels_last))
+            for m in methods:
+                opts = tuple(sorted(config.init_options.get(m, {}).items()))
+                specs.append(RunSpec(ds, _arch_of(m), m, seed, opts, tc, dev, config.channels_last))
+    return specs
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Global RNGs seeded with ``seed`` inside, restored on exit: nothing leaks either way."""
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    else:
+        devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the seed's model and apply the run's initialisation: ``(model, init report)``.
+
+    The weights are drawn on the CPU under ``torch.manual_seed(seed)`` (forked RNG), whatever the
+    device, and Pre-Warm and other data-dependent methods see the seed's first training batch
+    (standardised, plus the raw [0, 1] pixels), with ``generator=seed``.
+    """
+    s = data.spec
+    with _seeded(spec.seed, torch.device("cpu")):
+        model = build_model(spec.arch, in_channels=s.in_channels, n_classes=s.n_classes,
+                            image_size=s.image_size)
+    model = model.to(data.device)
+    idx = first_batch_indices(data.train_x.shape[0], spec.train.batch_size, spec.seed, data.device)
+    batch = {"images": data.standardise(data.train_x[idx]), "raw": data.raw(data.train_x[idx])}
+    fn = initializers.get(spec.init)
+    with _seeded(spec.seed, data.device):
+        report = fn(model, data=batch, generator=spec.seed, **dict(spec.options))
+    return model, report or {}
+
+
+def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
+            save_to: Path | None = None) -> dict[str, Any]:
+    """Build, initialise and train one run; the ``results.jsonl`` record (never raises for a failed
+    run: an exception or a NaN/Inf loss gives ``status="failed"`` with the error)."""
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {}
+    reported = [0]  # steps passed to ``progress``, so a crashed run still adds up to its steps
+
+    def step_progress(n: int) -> None:
+        reported[0] += n
+        if progress:
+            progress(n)
+
+    try:
+        model, report = build_arm(spec, data)
+        init_seconds = time.perf_counter() - t0
+        if spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        result = train(model, data, spec.train, seed=spec.seed, progress=step_progress)
+        if save_to is not None and result.status == "ok":
+            _save_model(model, save_to)
+    except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
+        init_seconds = None
+        result = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
+        step_progress(spec.train.steps - reported[0])
+    return _record(spec, result, report, init_seconds, time.perf_counter() - t0)
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def model_path(out: Path, spec: RunSpec) -> Path:
+    """``models/<dataset>-<init>-<seed>.pt``; a Kaiming baseline on another architecture is
+    ``<dataset>-kaiming+<arch>-<seed>.pt`` (dashes of the arch as underscores)."""
+    init = spec.init
+    if spec.init == BASELINE and spec.arch != DEFAULT_ARCH:
+        init = f"{BASELINE}+{spec.arch.replace('-', '_')}"
+    return out / "models" / f"{spec.dataset}-{init}-{spec.seed}.pt"
+
+
+def _record(spec: RunSpec, r: TrainResult, report: dict, init_seconds, seconds) -> dict[str, Any]:
+    return {
+        "key": spec.key,
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "init": spec.init,
+        "seed": spec.seed,
+        "config": spec.config,
+        "config_hash": spec.config_hash,
+        "status": r.status,
+        "error": r.error,
+        "failed_step": r.failed_step,
+        "accuracy": r.accuracy,
+        "steps_to_target": r.steps_to_target,
+        "target_loss": spec.train.target_loss,
+        "curves": {"loss_steps": r.loss_steps, "loss": r.loss,
+                   "acc_steps": r.acc_steps, "test_acc": r.test_acc},
+        "init_report": _jsonable(report),
+        "train_seconds": r.seconds,
+        "init_seconds": init_seconds,
+        "seconds": seconds,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON: tensors and arrays → lists (large ones → a shape summary), NaN/Inf → None."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        if arr.size > 1024:
+            return {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+        return _jsonable(arr.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+# --- environment ---------------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from; ``None`` when unknown."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:  # noqa: BLE001 — no git, not a checkout, …: the record says None
+        return None
+
+
+def environment(device: str | torch.device) -> dict[str, Any]:
+    """Versions, device and commit, recorded with every run."""
+    import scipy
+    import sklearn
+    import torchvision
+
+    from . import __version__
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or None
+    return {
+        "prewarm_gpu": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "sklearn": sklearn.__version__,
+        "platform": platform.platform(),
+        "device": str(dev),
+        "device_name": name,
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+    }
+
+
+# --- results file --------------------------------------------------------------------------------
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Every valid record of ``results.jsonl``; a corrupt or truncated line (a run killed while
+    writing) is skipped with a warning, never an error."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_bytes().split(b"\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "key" not in rec:
+                raise ValueError("not a run record")
+        except ValueError as e:
+            where = "last line" if i >= len(lines) - 1 else f"line {i}"
+            warnings.warn(f"{path}: ignoring corrupt or truncated {where} ({e}); that run will be "
+                          "run again", stacklevel=2)
+            continue
+        records.append(rec)
+    return records
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a JSON line, then flush and fsync: a finished run survives a crash.
+
+    A file that does not end in a newline (a truncated last line) gets one first, so the new record
+    starts on its own line.
+    """
+    line = json.dumps(record, allow_nan=False) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _latest(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Last record per key (a retried failed run supersedes the failure)."""
+    return {r["key"]: r for r in records}
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+def _steps_to_target(rec: dict[str, Any], target: float) -> int | None:
+    c = rec.get("curves") or {}
+    for step, loss in zip(c.get("loss_steps", []), c.get("loss", []), strict=False):
+        if loss is not None and loss < target:
+            return step
+    return None
+
+
+def summarise(config: SweepConfig, specs: Sequence[RunSpec],
+              records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Paired statistics per (dataset, method) from the records of this sweep's runs."""
+    latest = _latest(records)
+    by_key = {s.key: latest.get(s.key) for s in specs}
+    out: dict[str, Any] = {"datasets": {}}
+    for ds in config.datasets:
+        mine = [s for s in specs if s.dataset == ds]
+        entry: dict[str, Any] = {"title": DATASETS[ds].title,
+                                 "train": asdict(config.train_config(ds)), "methods": {},
+                                 "failed": [], "missing": []}
+        for s in mine:
+            rec = by_key[s.key]
+            if rec is None:
+                entry["missing"].append(s.label)
+            elif rec["status"] != "ok":
+                entry["failed"].append({"run": s.label, "error": rec.get("error"),
+                                        "failed_step": rec.get("failed_step")})
+        for m in methods_of(config):
+            entry["methods"][m] = _method_summary(config, mine, by_key, m)
+        out["datasets"][ds] = entry
+    return out
+
+
+def _method_summary(config, specs, by_key, method) -> dict[str, Any]:
+    arch = _arch_of(method)
+    base = {s.seed: by_key[s.key] for s in specs if s.init == BASELINE and s.arch == arch}
+    meth = {s.seed: by_key[s.key] for s in specs if s.init == method}
+    seeds = [sd for sd in config.seeds
+             if _ok(base.get(sd)) and _ok(meth.get(sd))]
+    k_acc = [base[sd]["accuracy"] for sd in seeds]
+    m_acc = [meth[sd]["accuracy"] for sd in seeds]
+    t = config.target_loss
+    res: dict[str, Any] = {
+        "arch": arch,
+        "seeds": seeds,
+        "kaiming_acc": k_acc,
+        "method_acc": m_acc,
+        "target_loss": t,
+        "kaiming_steps_to_target": [_steps_to_target(base[sd], t) for sd in seeds],
+        "method_steps_to_target": [_steps_to_target(meth[sd], t) for sd in seeds],
+        "stats": paired_stats(m_acc, k_acc).as_dict() if seeds else None,
+    }
+    return res
+
+
+def _ok(rec: dict[str, Any] | None) -> bool:
+    return rec is not None and rec.get("status") == "ok" and rec.get("accuracy") is not None
+
+
+def _stats_of(d: dict[str, Any]) -> PairedStats:
+    return PairedStats(**{k: (math.nan if v is None else v) for k, v in d.items()})
+
+
+def _mean_steps(steps: Sequence[int | None]) -> str:
+    hit = [s for s in steps if s is not None]
+    if not hit:
+        return f"never (0/{len(steps)})"
+    return f"{np.mean(hit):.0f} ({len(hit)}/{len(steps)})"
+
+
+def render_tables(summary: dict[str, Any]) -> str:
+    """Table 3 (Markdown) and the convergence table, with footnotes."""
+    rows, conv, notes = [], [], []
+    target = None
+    for entry in summary["datasets"].values():
+        for m, ms in entry["methods"].items():
+            arch = "" if ms["arch"] == DEFAULT_ARCH else f" ({ms['arch']})"
+            if ms["stats"] is not None:
+                rows.append((entry["title"], m + arch, _stats_of(ms["stats"])))
+            target = ms["target_loss"]
+            k_steps = _mean_steps(ms["kaiming_steps_to_target"])
+            m_steps = _mean_steps(ms["method_steps_to_target"])
+            conv.append(f"| {entry['title']} | {m}{arch} | {k_steps} | {m_steps} |")
+        for f in entry["failed"]:
+            step = f" at step {f['failed_step']}" if f.get("failed_step") else ""
+            notes.append(f"- failed: {f['run']}{step}: {f['error']}")
+        if entry["missing"]:
+            notes.append(f"- not run yet ({len(entry['missing'])}): {', '.join(entry['missing'])}")
+    parts = [table3_markdown(rows) if rows else "(no finished pairs yet)", "",
+             "Accuracy: final test accuracy, mean ± sample std (ddof=1) over seeds; Δacc: mean "
+             "paired difference (method − Kaiming); Δerr% = −Δacc / (1 − mean Kaiming acc); p: "
+             "one-sided paired t-test (method > Kaiming), * p<0.1, ** p<0.05, *** p<0.01; n/a: "
+             "undefined (fewer than 2 pairs, or every paired difference equal); wins: seeds where "
+             "the method is strictly ahead."]
+    if conv:
+        parts += ["", f"| Dataset | Method | steps to loss < {target:g}, Kaiming | method |",
+                  "| --- | --- | ---: | ---: |", *conv, "",
+                  "Steps to target: first curve point (window-mean training loss) below the "
+                  "target; mean over the seeds that reached it (reached/pairs)."]
+    if notes:
+        parts += ["", *notes]
+    return "\n".join(parts)
+
+
+def write_summary(config: SweepConfig, specs: Sequence[RunSpec], records, env) -> str:
+    """Write ``summary.json`` and ``table.md`` (atomically); return the tables."""
+    summary = summarise(config, specs, records)
+    table = render_tables(summary)
+    summary.update(
+        table_markdown=table,
+        sweep={"datasets": config.datasets, "seeds": config.seeds, "inits": config.inits,
+               "init_options": _jsonable(config.init_options), "device": config.device,
+               "runs": len(specs)},
+        env=env,
+        written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    text = json.dumps(_jsonable(summary), indent=2, ensure_ascii=False)
+    _write_atomic(config.out / SUMMARY, text + "\n")
+    _write_atomic(config.out / TABLE, table + "\n")
+    return table
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+def _check_out(config: SweepConfig) -> None:
+    path = config.out / RESULTS
+    if path.exists() and path.stat().st_size > 0 and not config.resume:
+        raise ResultsExistError(
+            f"{path} already holds results; pass --resume to complete that sweep (only missing "
+            f"runs are run), or choose another --out. Nothing was overwritten.")
+
+
+def _check_data(config: SweepConfig) -> None:
+    """Fail before any training when a dataset is missing (not after hours of other datasets)."""
+    if config.download:
+        return
+    for ds in config.datasets:
+        if missing_files(ds, config.data_dir):
+            load_dataset(ds, data_dir=config.data_dir, download=False, device="cpu")  # raises
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()  # in a log file, a line every 10 s rather than every 0.5 s
+    return tqdm(total=total, unit="step", desc="sweep", dynamic_ncols=True,
+                mininterval=0.5 if tty else 10.0, smoothing=0.05, file=sys.stderr)
+
+
+def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
+              after_run: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Run every missing run of the sweep, writing results as they finish; return the tables.
+
+    Args:
+        config: the sweep.
+        log: where to print progress lines (default: stderr).
+        after_run: called with each finished record (tests use it to simulate interruption).
+
+    Raises:
+        ResultsExistError: ``results.jsonl`` exists and ``config.resume`` is false.
+        DatasetNotFoundError: a dataset is missing and ``config.download`` is false.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    config = replace(config, datasets=[canonical_name(d) for d in config.datasets],
+                     out=Path(config.out))
+    specs = plan_runs(config)
+    _check_out(config)
+    if config.plot:
+        _import_pyplot()  # fail now, not after training
+    _check_data(config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = config.out / RESULTS
+    records = read_results(path)
+    latest = _latest(records)
+    todo = [s for s in specs if not _done(latest.get(s.key), config.retry_failed)]
+    env = environment(config.device)
+    if len(todo) < len(specs):
+        log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}")
+    bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
+    try:
+        for ds in config.datasets:
+            mine = [s for s in todo if s.dataset == ds]
+            if not mine and not (config.plot and _has_ok(latest, ds)):
+                continue
+            data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
+                                device=config.device)
+            for spec in mine:
+                if bar is not None:
+                    bar.set_postfix_str(spec.label, refresh=False)
+                rec = run_one(spec, data, progress=bar.update if bar is not None else None,
+                              save_to=model_path(config.out, spec) if config.save_models else None)
+                rec["env"] = env
+                append_result(path, rec)
+                records.append(rec)
+                if rec["status"] != "ok":
+                    log(f"run failed: {spec.label}: {rec['error']}")
+                write_summary(config, specs, records, env)
+                if after_run is not None:
+                    after_run(rec)
+            if config.plot:
+                plot_filters(config, specs, data)
+            del data
+    finally:
+        if bar is not None:
+            bar.close()
+    table = write_summary(config, specs, records, env)
+    if config.plot:
+        plot_curves(config, specs, records)
+    return table
+
+
+def _done(rec: dict[str, Any] | None, retry_failed: bool) -> bool:
+    return rec is not None and (rec.get("status") == "ok" or not retry_failed)
+
+
+def _has_ok(latest: dict[str, dict[str, Any]], ds: str) -> bool:
+    return any(r.get("dataset") == ds and r.get("status") == "ok" for r in latest.values())
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'prewarm-gpu[plot]' "
+                          "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _filter_grid(w: torch.Tensor, cols: int = 8) -> np.ndarray:
+    """conv1 weights (F, C, k, k) → one image of F filters in rows of ``cols``, 1-pixel white gaps,
+    each filter min-max scaled to [0, 1]; (H, W, 3) for C = 3, else (H, W) of channel 0."""
+    w = w.detach().float().cpu()
+    F_, C, kh, kw = w.shape
+    flat = w.reshape(F_, -1)
+    lo, hi = flat.min(1).values.view(F_, 1, 1, 1), flat.max(1).values.view(F_, 1, 1, 1)
+    w = (w - lo) / (hi - lo).clamp_min(1e-12)
+    shown = w if C == 3 else w[:, :1]
+    rows = -(-F_ // cols)
+    canvas = torch.ones(rows * (kh + 1) - 1, cols * (kw + 1) - 1, shown.shape[1])
+    for f in range(F_):
+        r, c = divmod(f, cols)
+        canvas[r * (kh + 1) : r * (kh + 1) + kh, c * (kw + 1) : c * (kw + 1) + kw] = \
+            shown[f].permute(1, 2, 0)
+    img = canvas.numpy()
+    return img if C == 3 else img[..., 0]
+
+
+def plot_filters(config: SweepConfig, specs: Sequence[RunSpec], data: ImageData) -> Path | None:
+    """``filters_<dataset>.png``: conv1 at initialisation, Kaiming next to each method (first
+    seed). Pre-Warm's conditioned filters are the first ``n_clusters`` (top rows)."""
+    plt = _import_pyplot()
+    seed = config.seeds[0]
+    mine = [s for s in specs if s.dataset == data.spec.name and s.seed == seed]
+    panels = []
+    for s in mine:
+        try:
+            model, _ = build_arm(s, data)
+        except Exception as e:  # noqa: BLE001 — a plot must not end the sweep
+            warnings.warn(f"filter plot: {s.label}: {e}", stacklevel=2)
+            continue
+        conv = getattr(model, "conv1", None)
+        if isinstance(conv, nn.Conv2d):
+            panels.append((s.init if s.arch == DEFAULT_ARCH else f"{s.init} ({s.arch})",
+                           _filter_grid(conv.weight)))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.4), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels, strict=True):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.suptitle(f"{data.spec.title}: conv1 at initialisation (seed {seed}; each filter min-max "
+                 "scaled)", fontsize=10)
+    path = config.out / f"filters_{data.spec.name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(config: SweepConfig, specs: Sequence[RunSpec],
+                records: Sequence[dict[str, Any]]) -> list[Path]:
+    """``curves_<dataset>.png``: mean test accuracy (± std band over seeds) and training loss."""
+    plt = _import_pyplot()
+    latest = _latest(records)
+    paths = []
+    for ds in config.datasets:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for s in specs:
+            rec = latest.get(s.key)
+            if s.dataset == ds and _ok(rec):
+                name = s.init if s.arch == DEFAULT_ARCH else f"{s.init} ({s.arch})"
+                groups.setdefault(name, []).append(rec)
+        if not groups:
+            continue
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name, recs in groups.items():
+            for ax, xs, ys in ((ax_acc, "acc_steps", "test_acc"), (ax_loss, "loss_steps", "loss")):
+                x = recs[0]["curves"][xs]
+                y = np.array([r["curves"][ys] for r in recs if r["curves"][xs] == x], dtype=float)
+                mean, std = y.mean(0), y.std(0)
+                (line,) = ax.plot(x, mean, label=f"{name} (n={len(y)})")
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax_acc.set(xlabel="step", ylabel="test accuracy", title="test accuracy (mean ± std)")
+        accs = [a for g in groups.values() for r in g for a in r["curves"]["test_acc"][1:]]
+        if accs:  # zoom past step 0's chance level
+            ax_acc.set_ylim(max(0.0, min(accs) - 0.01), min(1.0, max(accs)) + 0.005)
+        ax_loss.set(xlabel="step", ylabel="training loss (window mean)", yscale="log",
+                    title="training loss (mean ± std)")
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(DATASETS[ds].title)
+        path = config.out / f"curves_{ds}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

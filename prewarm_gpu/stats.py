@@ -1,0 +1,154 @@
+"""Paired statistics over seeds, as in the paper's Table 3 (§3.5, §5.1).
+
+`Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
+(2026). For each seed the method's and Kaiming's final accuracies form a pair; the test is one-sided
+paired t (alternative μ_method > μ_Kaiming), plus the seed-level win count.
+
+.. math::
+    Δacc = \\frac{1}{n}\\sum_i (m_i - k_i), \\qquad
+    Δerr\\% = -\\frac{Δacc}{1 - \\bar k} \\cdot 100
+
+Means are reported ± the sample standard deviation (ddof = 1). Degenerate cases: with fewer than two
+pairs, or when every paired difference is the same (zero variance), t and p are undefined; they are
+``nan`` here, ``null`` in JSON and ``n/a`` in tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+__all__ = ["PairedStats", "paired_stats", "significance", "format_mean_std", "format_p",
+           "table3_markdown"]
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """Table 3's columns for one (dataset, method) against Kaiming."""
+
+    n: int  # pairs (seeds where both arms finished)
+    base_mean: float  # Kaiming mean accuracy
+    base_std: float  # sample std (ddof = 1); nan for n < 2
+    method_mean: float
+    method_std: float
+    delta_acc: float  # mean paired difference, method − Kaiming
+    delta_err_pct: float  # −Δacc / (1 − Kaiming mean) · 100; nan when Kaiming is perfect
+    t: float  # paired t statistic; nan when undefined
+    p: float  # one-sided p (alternative: method > Kaiming); nan when undefined
+    wins: int  # seeds where the method is strictly ahead
+    ties: int  # seeds with equal accuracy
+    sign_p: float  # one-sided sign test on wins among non-tied pairs; nan when all tie
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``nan`` → ``None``."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in asdict(self).items()}
+
+
+def paired_stats(method: Sequence[float], base: Sequence[float]) -> PairedStats:
+    """Paired comparison of ``method`` against ``base`` (Kaiming), seed by seed.
+
+    Args:
+        method: final accuracies of the method, one per seed.
+        base: the Kaiming accuracies of the same seeds, in the same order.
+
+    Returns:
+        :class:`PairedStats`; t and p from ``scipy.stats.ttest_rel(method, base,
+        alternative='greater')``.
+
+    Examples:
+        >>> s = paired_stats([0.91, 0.93, 0.92], [0.90, 0.90, 0.91])
+        >>> s.wins, round(s.delta_acc, 4)
+        (3, 0.0167)
+    """
+    m = np.asarray(method, dtype=np.float64)
+    k = np.asarray(base, dtype=np.float64)
+    if m.shape != k.shape or m.ndim != 1:
+        raise ValueError(f"method and base must be 1-D and paired, got shapes {m.shape} and "
+                         f"{k.shape}")
+    n = m.size
+    if n == 0:
+        raise ValueError("no pairs: both arms need at least one finished seed")
+    d = m - k
+    t = p = math.nan
+    # Equal differences (up to rounding of the accuracies) make t 0/0 or x/0: undefined.
+    if n >= 2 and np.ptp(d) > 1e-12:
+        res = sps.ttest_rel(m, k, alternative="greater")
+        t, p = float(res.statistic), float(res.pvalue)
+    wins, ties = int((d > 0).sum()), int((d == 0).sum())
+    decided = n - ties
+    sign_p = (float(sps.binomtest(wins, decided, 0.5, alternative="greater").pvalue)
+              if decided else math.nan)
+    delta = float(d.mean())
+    base_mean = float(k.mean())
+    err = 1.0 - base_mean
+    return PairedStats(
+        n=n,
+        base_mean=base_mean,
+        base_std=float(k.std(ddof=1)) if n >= 2 else math.nan,
+        method_mean=float(m.mean()),
+        method_std=float(m.std(ddof=1)) if n >= 2 else math.nan,
+        delta_acc=delta,
+        delta_err_pct=-delta / err * 100.0 if err > 0 else math.nan,
+        t=t,
+        p=p,
+        wins=wins,
+        ties=ties,
+        sign_p=sign_p,
+    )
+
+
+def significance(p: float) -> str:
+    """Table 3's markers: ``*`` p < 0.1, ``**`` p < 0.05, ``***`` p < 0.01."""
+    if math.isnan(p):
+        return ""
+    return "***" if p < 0.01 else "**" if p < 0.05 else "*" if p < 0.1 else ""
+
+
+def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
+    """``0.9928 ± 0.0004``; just the mean when the std is undefined (one seed)."""
+    if math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_p(p: float) -> str:
+    """``0.0109**``; ``n/a`` when undefined (fewer than 2 pairs or zero variance)."""
+    return "n/a" if math.isnan(p) else f"{p:.4f}{significance(p)}"
+
+
+def _signed(x: float, digits: int = 4, suffix: str = "") -> str:
+    if math.isnan(x):
+        return "n/a"
+    text = f"{x:+.{digits}f}"
+    if float(text) == 0:
+        text = f"{0:+.{digits}f}"  # no "-0.00"
+    return text + suffix
+
+
+def table3_markdown(rows: Sequence[tuple[str, str, PairedStats]]) -> str:
+    """Table 3 as Markdown: one row per (dataset title, method name, stats).
+
+    A method compared on several datasets gets a ``Mean`` row of Δacc and Δerr%, as in the paper.
+    """
+    out = ["| Dataset | Method | n | Kaiming | Method acc | Δacc | Δerr% | p | wins |",
+           "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for title, method, s in rows:
+        out.append(
+            f"| {title} | {method} | {s.n} | {format_mean_std(s.base_mean, s.base_std)} | "
+            f"{format_mean_std(s.method_mean, s.method_std)} | {_signed(s.delta_acc)} | "
+            f"{_signed(s.delta_err_pct, 2, '%')} | {format_p(s.p)} | {s.wins}/{s.n} |"
+        )
+    methods = list(dict.fromkeys(m for _, m, _ in rows))
+    for method in methods:
+        mine = [s for _, m, s in rows if m == method]
+        if len(mine) > 1:
+            dacc = float(np.mean([s.delta_acc for s in mine]))
+            derr = float(np.mean([s.delta_err_pct for s in mine]))
+            out.append(f"| Mean | {method} | | | | {_signed(dacc)} | {_signed(derr, 2, '%')} | | |")
+    return "\n".join(out)

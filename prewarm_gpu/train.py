@@ -1,0 +1,166 @@
+"""One training run of the paper's protocol (§3.3): Adam, batch 256, cross-entropy, cosine LR.
+
+`Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
+(2026). The data order comes from the seed's generator on the data's device; the loop keeps
+per-step losses on the device and reads them back only at curve points (every N/100 steps), so a GPU
+run syncs ≈ 100 times, not N times. A NaN/Inf loss ends the run as ``failed`` at that step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageData, epoch_stream
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "cosine_lr", "curve_steps"]
+
+
+@dataclass
+class TrainConfig:
+    """The protocol of one run (Table 1); every field can be overridden from the CLI."""
+
+    steps: int = 5000  # N optimisation steps
+    batch_size: int = 256
+    lr_start: float = 3e-3  # η_start of the cosine schedule
+    lr_end: float = 3e-5  # η_end, reached at step N
+    eval_points: int = 10  # test-accuracy checkpoints (plus step 0)
+    loss_points: int = 100  # training-loss curve points; each is the mean loss of its window
+    aux_weight: float = 0.3  # weight of Σ CE(aux_logits) for models that expose aux heads
+    target_loss: float = 0.5  # "steps to target": first curve point with window-mean loss below
+    eval_batch_size: int = 2048  # test images per forward pass
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}")
+        if not (self.lr_start > 0 and self.lr_end >= 0):
+            raise ValueError(f"learning rates must be positive, got {self.lr_start} → "
+                             f"{self.lr_end}")
+        if self.eval_points < 1 or self.loss_points < 1:
+            raise ValueError("eval_points and loss_points must be >= 1")
+
+
+@dataclass
+class TrainResult:
+    """What one run produced; ``accuracy`` is ``None`` when the run failed."""
+
+    status: str  # "ok" or "failed"
+    accuracy: float | None  # final test accuracy
+    failed_step: int | None = None  # first step (1-based) whose loss was NaN/Inf
+    error: str | None = None
+    loss_steps: list[int] = field(default_factory=list)  # curve points (steps done)
+    loss: list[float] = field(default_factory=list)  # mean training loss of each window
+    acc_steps: list[int] = field(default_factory=list)  # 0 (at init) … N
+    test_acc: list[float] = field(default_factory=list)
+    steps_to_target: int | None = None  # None: the loss never fell below target_loss
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cosine_lr(step: int, steps: int, lr_start: float, lr_end: float) -> float:
+    """Cosine annealing (Loshchilov & Hutter, 2017) at ``step`` of ``steps``:
+    ``η_end + (η_start − η_end)·(1 + cos(π·step/N))/2`` — what ``CosineAnnealingLR`` computes."""
+    return lr_end + (lr_start - lr_end) * (1 + math.cos(math.pi * step / steps)) / 2
+
+
+def curve_steps(steps: int, points: int) -> list[int]:
+    """``points`` roughly equally spaced step counts in (0, steps], always ending at ``steps``."""
+    points = min(points, steps)
+    return sorted({max(1, round(steps * (i + 1) / points)) for i in range(points)})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 2048) -> float:
+    """Test accuracy of ``model`` (eval mode; restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=data.device)
+    for i in range(0, data.test_x.shape[0], batch_size):
+        logits = model(data.standardise(data.test_x[i : i + batch_size]))
+        correct += (logits.argmax(1) == data.test_y[i : i + batch_size]).sum()
+    model.train(was_training)
+    return int(correct) / data.test_x.shape[0]
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    aux = getattr(model, "aux_logits", None)
+    if aux:  # deep supervision (a model's auxiliary heads, set by its forward in train mode)
+        loss = loss + aux_weight * sum(F.cross_entropy(a, y) for a in aux)
+    return loss
+
+
+def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
+          progress: Callable[[int], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` with the protocol of §3.3 and the seed's data order.
+
+    Args:
+        model: on ``data.device``; trained in place.
+        data: the dataset (uint8 on its device).
+        config: the protocol.
+        seed: seeds the data order, ``torch.Generator(device).manual_seed(seed)``; the first
+            batch is :func:`prewarm_gpu.data.first_batch_indices` of the same seed.
+        progress: called with the number of steps done since its last call.
+
+    Returns:
+        :class:`TrainResult`; a NaN/Inf loss gives ``status="failed"`` with ``failed_step``.
+    """
+    cfg, dev = config, data.device
+    t0 = time.perf_counter()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    order = epoch_stream(data.train_x.shape[0], cfg.batch_size, g)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_start)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_end)
+    losses = torch.empty(cfg.steps, dtype=torch.float32, device=dev)
+    loss_marks = set(curve_steps(cfg.steps, cfg.loss_points))
+    acc_marks = set(curve_steps(cfg.steps, cfg.eval_points))
+    acc0 = evaluate(model, data, cfg.eval_batch_size)
+    res = TrainResult("ok", None, acc_steps=[0], test_acc=[acc0])
+    model.train()
+    checked = window = 0  # losses[:checked] are known finite; the open loss window starts here
+    for t in range(cfg.steps):
+        step = t + 1
+        idx = next(order)
+        loss = _loss(model, data.standardise(data.train_x[idx]), data.train_y[idx], cfg.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses[t] = loss.detach()
+        if step not in loss_marks and step not in acc_marks:
+            continue
+        bad = (~torch.isfinite(losses[checked:step])).nonzero()  # the host sync of this point
+        if bad.numel():
+            res.status, res.failed_step = "failed", checked + int(bad[0]) + 1
+            res.error = f"non-finite training loss at step {res.failed_step}"
+            if progress:
+                progress(cfg.steps - checked)  # the rest of this run will not happen
+            break
+        if progress:
+            progress(step - checked)
+        checked = step
+        if step in loss_marks:
+            res.loss_steps.append(step)
+            res.loss.append(float(losses[window:step].to(torch.float64).mean()))
+            window = step
+            if res.steps_to_target is None and res.loss[-1] < cfg.target_loss:
+                res.steps_to_target = step
+        if step in acc_marks:
+            res.acc_steps.append(step)
+            res.test_acc.append(evaluate(model, data, cfg.eval_batch_size))
+    if res.status == "ok":
+        res.accuracy = res.test_acc[-1]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,97 @@
+"""The batched trainer equals the single-run trainer (issue 5's equivalence)."""
+
+import copy
+
+import pytest
+import torch
+
+from prewarm_gpu import prewarm_
+from prewarm_gpu.batched import train_batched
+from prewarm_gpu.data import load_dataset
+from prewarm_gpu.models import SimpleCNN
+from prewarm_gpu.train import TrainConfig, evaluate, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _models(digits, seeds):
+    """One Kaiming and one Pre-Warm model per seed (different initial weights per run)."""
+    out = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            m = SimpleCNN(1, 10, 8)
+        pw = copy.deepcopy(m)
+        prewarm_(pw, digits.standardise(digits.train_x[:256]),
+                 raw_images=digits.raw(digits.train_x), generator=s)
+        out += [m, pw]
+    return out, [s for s in seeds for _ in range(2)]
+
+
+def _compare(digits, dtype):
+    cfg = TrainConfig(steps=60, lr_start=3e-3, lr_end=3e-5, eval_points=2, loss_points=60)
+    models, seeds = _models(digits, [42])  # a Kaiming and a Pre-Warm run
+    models = [m.to(dtype) for m in models]
+    singles = [copy.deepcopy(m) for m in models]
+    batched = train_batched(models, digits, cfg, seeds=seeds)
+    pairs = []
+    for m, s, b in zip(singles, seeds, batched, strict=True):
+        r = train(m, digits, cfg, seed=s)
+        assert r.status == b.status == "ok"
+        pairs.append((torch.tensor(b.loss), torch.tensor(r.loss), b.accuracy, r.accuracy))
+    return models, singles, pairs
+
+
+def test_batched_equals_single_run_exactly_in_float64(digits):
+    """The same algorithm: in float64 every per-run loss curve and accuracy is the single run's.
+
+    (Losses are logged in float32, hence 1e-6.) A coupling between runs, a shared BatchNorm
+    statistic or a wrong data order would show here as differences of order 1e-2.
+    """
+    data64 = copy.copy(digits)
+    data64._a, data64._b = digits._a.double(), digits._b.double()  # standardise in float64
+    models, singles, pairs = _compare(data64, torch.float64)
+    for b_loss, r_loss, b_acc, r_acc in pairs:
+        torch.testing.assert_close(b_loss, r_loss, rtol=0, atol=1e-6)
+        assert b_acc == r_acc
+    # Trained weights and BatchNorm buffers were written back into each model.
+    for m, (_, _, b_acc, _) in zip(models, pairs, strict=True):
+        assert evaluate(m, data64) == b_acc
+
+
+def test_batched_matches_single_run_fp32(digits):
+    """fp32: equal to rounding at first; Adam then amplifies rounding differences.
+
+    The issue asks for 1e-4 over 50 steps. Measured: the single-run trainer against *itself* run
+    with 1 instead of 2 threads already differs by 1.5e-4 by step 50 on this problem, so 1e-4 is
+    below fp32's floor. We assert the first 8 steps within 1e-4 (measured ≤ 4.5e-5), all 50
+    within 1e-3 (measured ≤ 4.5e-4), and final accuracies within one test image (1/360).
+    """
+    _, _, pairs = _compare(digits, torch.float32)
+    for b_loss, r_loss, b_acc, r_acc in pairs:
+        torch.testing.assert_close(b_loss[:8], r_loss[:8], rtol=0, atol=1e-4)
+        torch.testing.assert_close(b_loss[:50], r_loss[:50], rtol=0, atol=1e-3)
+        assert abs(b_acc - r_acc) <= 1 / 360 + 1e-12
+
+
+def test_nan_run_fails_alone(digits):
+    cfg = TrainConfig(steps=20, eval_points=1, loss_points=10)
+    models, seeds = _models(digits, [1])
+    with torch.no_grad():
+        models[0].fc2.weight.fill_(float("nan"))
+    res = train_batched(models, digits, cfg, seeds=seeds)
+    assert res[0].status == "failed" and res[0].failed_step == 1 and res[0].accuracy is None
+    assert res[1].status == "ok" and res[1].accuracy > 0.1
+
+
+def test_bad_input(digits):
+    cfg = TrainConfig(steps=2)
+    with pytest.raises(ValueError, match="one seed per run"):
+        train_batched([SimpleCNN(1, 10, 8)], digits, cfg, seeds=[1, 2])
+    with pytest.raises(ValueError, match="one architecture"):
+        train_batched([SimpleCNN(1, 10, 8), SimpleCNN(1, 5, 8)], digits, cfg, seeds=[1, 2])
+    with pytest.raises(ValueError, match="precision"):
+        train_batched([SimpleCNN(1, 10, 8)], digits, cfg, seeds=[1], precision="fp8")

@@ -1,0 +1,243 @@
+"""The sweep: pairing, results files, failures, interruption and resume, plots."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from prewarm_gpu import harness, initializers
+from prewarm_gpu.data import load_dataset
+from prewarm_gpu.harness import (
+    ResultsExistError,
+    SweepConfig,
+    build_arm,
+    plan_runs,
+    read_results,
+    run_one,
+    run_sweep,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: oversubscribed OpenMP threads crawl
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True)
+def cached_digits(monkeypatch, digits):
+    def load(name, **kwargs):
+        assert name == "digits"
+        return digits
+
+    monkeypatch.setattr(harness, "load_dataset", load)
+
+
+def tiny(out: Path, **kw) -> SweepConfig:
+    base = dict(datasets=["digits"], seeds=[42, 7], out=out, steps=8, loss_points=4,
+                eval_points=2, progress=False)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().split("\n") if ln.strip()]
+
+
+# --- pairing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [42, 2025])
+def test_pair_differs_only_in_conv1s_first_n_clusters_filters(digits, seed):
+    specs = {s.init: s for s in plan_runs(tiny(Path("unused"), seeds=[seed], steps=None))}
+    rng = torch.get_rng_state()
+    kaiming, _ = build_arm(specs["kaiming"], digits)
+    prewarm, report = build_arm(specs["prewarm"], digits)
+    assert torch.equal(rng, torch.get_rng_state())  # nothing leaked into the global RNG
+    n = report["n_clusters"]
+    assert n == 16
+    ks, ps = kaiming.state_dict(), prewarm.state_dict()
+    assert ks.keys() == ps.keys()
+    for name in ks:
+        if name == "conv1.weight":
+            assert torch.equal(ks[name][n:], ps[name][n:]), "Kaiming half must be untouched"
+            for f in range(n):
+                assert not torch.equal(ks[name][f], ps[name][f]), f"filter {f} not conditioned"
+        else:
+            assert torch.equal(ks[name], ps[name]), f"{name} differs between the arms"
+    again, _ = build_arm(specs["prewarm"], digits)
+    for name, v in again.state_dict().items():
+        assert torch.equal(v, ps[name]), "same seed must give the same arm"
+
+
+def test_different_seeds_give_different_weights(digits):
+    a, b = (build_arm(plan_runs(tiny(Path("x"), seeds=[s]))[0], digits)[0] for s in (1, 8))
+    assert not torch.equal(a.fc1.weight, b.fc1.weight)
+
+
+def test_a_run_is_deterministic(digits):
+    spec = plan_runs(tiny(Path("x"), seeds=[13]))[1]
+    r1, r2 = run_one(spec, digits), run_one(spec, digits)
+    assert r1["status"] == "ok" and r1["accuracy"] == r2["accuracy"]
+    assert r1["curves"] == r2["curves"]
+
+
+def test_plan_kaiming_once_per_architecture_and_seed():
+    specs = plan_runs(tiny(Path("x"), inits=["kaiming", "prewarm", "lion_dg"]))
+    got = [(s.seed, s.init, s.arch) for s in specs]
+    assert got == [(42, "kaiming", "simplecnn"), (42, "kaiming", "ds-simplecnn"),
+                   (42, "prewarm", "simplecnn"), (42, "lion_dg", "ds-simplecnn"),
+                   (7, "kaiming", "simplecnn"), (7, "kaiming", "ds-simplecnn"),
+                   (7, "prewarm", "simplecnn"), (7, "lion_dg", "ds-simplecnn")]
+    assert len({s.key for s in specs}) == len(specs)
+
+
+def test_run_keys_follow_the_config():
+    key = plan_runs(tiny(Path("x")))[1].key
+    assert plan_runs(tiny(Path("y"), target_loss=0.1))[1].key == key  # recomputed from curves
+    assert plan_runs(tiny(Path("x"), steps=9))[1].key != key
+    assert plan_runs(tiny(Path("x"), init_options={"prewarm": {"scale": 0.1}}))[1].key != key
+
+
+def test_plan_rejects_unknown_inits_and_a_lone_baseline():
+    with pytest.raises(KeyError, match="known:"):
+        plan_runs(tiny(Path("x"), inits=["kaiming", "nope"]))
+    with pytest.raises(ValueError, match="nothing to compare"):
+        plan_runs(tiny(Path("x"), inits=["kaiming"]))
+
+
+# --- the sweep and its files ----------------------------------------------------------------------
+
+
+def test_sweep_writes_results_summary_table_and_plots(tmp_path):
+    table = run_sweep(tiny(tmp_path, plot=True))
+    recs = [json.loads(ln) for ln in lines(tmp_path / "results.jsonl")]
+    assert [(r["init"], r["seed"]) for r in recs] == [("kaiming", 42), ("prewarm", 42),
+                                                      ("kaiming", 7), ("prewarm", 7)]
+    r = recs[1]
+    assert r["status"] == "ok" and 0 <= r["accuracy"] <= 1 and r["config"]["train"]["steps"] == 8
+    assert r["curves"]["acc_steps"] == [0, 4, 8] and r["curves"]["loss_steps"] == [2, 4, 6, 8]
+    assert r["init_report"]["n_clusters"] == 16 and r["seconds"] > 0
+    for k in ("torch", "torchvision", "numpy", "sklearn", "python", "device", "git_commit"):
+        assert k in r["env"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    pw = summary["datasets"]["digits"]["methods"]["prewarm"]
+    assert pw["seeds"] == [42, 7] and pw["stats"]["n"] == 2
+    assert pw["kaiming_acc"] == [recs[0]["accuracy"], recs[2]["accuracy"]]
+    assert (tmp_path / "table.md").read_text().strip() == table.strip()
+    assert "| Digits (8×8) | prewarm | 2 |" in table
+    for png in ("filters_digits.png", "curves_digits.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_existing_results_are_never_overwritten(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"key": "x"}\n')
+    with pytest.raises(ResultsExistError, match="--resume"):
+        run_sweep(tiny(tmp_path))
+    assert (tmp_path / "results.jsonl").read_text() == '{"key": "x"}\n'
+
+
+def test_interrupted_sweep_resumes_only_missing_runs_and_survives_a_truncated_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+
+    def interrupt_after(k):
+        seen = []
+
+        def hook(rec):
+            seen.append(rec["key"])
+            if len(seen) == k:
+                raise KeyboardInterrupt
+
+        return hook, seen
+
+    hook, _ = interrupt_after(3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny(tmp_path), after_run=hook)
+    assert len(lines(path)) == 3  # every finished run kept
+
+    ran = []
+    run_sweep(tiny(tmp_path, resume=True), after_run=lambda r: ran.append((r["init"], r["seed"])))
+    assert ran == [("prewarm", 7)]
+    keys = [json.loads(ln)["key"] for ln in lines(path)]
+    assert len(keys) == len(set(keys)) == 4
+
+    # A run killed while writing: the last line is cut short.
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])
+    ran.clear()
+    with pytest.warns(UserWarning, match="truncated last line"):
+        table = run_sweep(tiny(tmp_path, resume=True),
+                          after_run=lambda r: ran.append((r["init"], r["seed"])))
+    assert ran == [("prewarm", 7)] and "| Digits (8×8) | prewarm | 2 |" in table
+    with pytest.warns(UserWarning, match="line 4"):
+        recs = read_results(path)  # the cut line stays, on its own line, and is skipped
+    assert len(recs) == 4 and len({r["key"] for r in recs}) == 4
+
+
+def test_read_results_skips_garbage(tmp_path):
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"key": "a"}\nnot json\n[1, 2]\n{"key": "b"}\n{"key": "c", "trunc')
+    with pytest.warns(UserWarning) as w:
+        recs = read_results(p)
+    assert [r["key"] for r in recs] == ["a", "b"]
+    assert len(w) == 3 and "last line" in str(w[-1].message)
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def nan_init(model, *, data=None, generator=None, **options):
+        with torch.no_grad():
+            model.conv1.weight.fill_(math.nan)
+        return {"why": math.nan}
+
+    def broken(model, *, data=None, generator=None, **options):
+        raise RuntimeError("initialiser exploded")
+
+    monkeypatch.setitem(initializers.INITIALIZERS, "nan_init", nan_init)
+    monkeypatch.setitem(initializers.INITIALIZERS, "broken", broken)
+    cfg = tiny(tmp_path, seeds=[42], inits=["kaiming", "nan_init", "broken"])
+    table = run_sweep(cfg)
+    recs = {r["init"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert recs["kaiming"]["status"] == "ok"
+    assert recs["nan_init"]["status"] == "failed" and recs["nan_init"]["failed_step"] == 1
+    assert recs["nan_init"]["init_report"] == {"why": None}  # NaN never reaches the JSON
+    assert recs["broken"]["error"] == "RuntimeError: initialiser exploded"
+    assert "failed: digits nan_init seed 42 at step 1" in table
+    assert "failed: digits broken seed 42: RuntimeError: initialiser exploded" in table
+    ran = []
+    run_sweep(tiny(tmp_path, seeds=[42], inits=cfg.inits, resume=True), after_run=ran.append)
+    assert ran == []  # failures are results; --retry-failed reruns them
+    run_sweep(tiny(tmp_path, seeds=[42], inits=cfg.inits, resume=True, retry_failed=True),
+              after_run=lambda r: ran.append(r["init"]))
+    assert ran == ["nan_init", "broken"]
+
+
+def test_methods_on_another_architecture_pair_with_kaiming_on_it(tmp_path):
+    run_sweep(tiny(tmp_path, seeds=[42], steps=4, inits=["kaiming", "prewarm", "lion_dg"],
+                   save_models=True))
+    recs = read_results(tmp_path / "results.jsonl")
+    assert all(r["status"] == "ok" for r in recs) and len(recs) == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())["datasets"]["digits"]
+    ds_kaiming = next(r for r in recs if r["init"] == "kaiming" and r["arch"] == "ds-simplecnn")
+    assert summary["methods"]["lion_dg"]["arch"] == "ds-simplecnn"
+    assert summary["methods"]["lion_dg"]["kaiming_acc"] == [ds_kaiming["accuracy"]]
+    names = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert names == ["digits-kaiming+ds_simplecnn-42.pt", "digits-kaiming-42.pt",
+                     "digits-lion_dg-42.pt", "digits-prewarm-42.pt"]
+    state = torch.load(tmp_path / "models" / "digits-prewarm-42.pt", weights_only=True)
+    assert state["conv1.weight"].shape == (32, 1, 3, 3)
+
+
+def test_jsonable():
+    j = harness._jsonable({"a": torch.tensor([1.0, float("inf")]), "b": (1, "x"),
+                           "c": torch.zeros(2000), 3: float("nan")})
+    assert j == {"a": [1.0, None], "b": [1, "x"], "c": {"shape": [2000], "dtype": "float32"},
+                 "3": None}

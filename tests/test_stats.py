@@ -1,0 +1,111 @@
+"""Paired statistics against values computed by hand."""
+
+import math
+
+import pytest
+from scipy import stats as sps
+
+from prewarm_gpu.stats import (
+    PairedStats,
+    format_mean_std,
+    format_p,
+    paired_stats,
+    significance,
+    table3_markdown,
+)
+
+
+def _t3_sf(t: float) -> float:
+    """One-sided p of Student's t with 3 degrees of freedom, closed form:
+    P(T > t) = 1/2 − (1/π)·(u/(1 + u²) + atan u), u = t/√3."""
+    u = t / math.sqrt(3)
+    return 0.5 - (u / (1 + u * u) + math.atan(u)) / math.pi
+
+
+def test_four_pairs_by_hand():
+    method = [0.93, 0.95, 0.94, 0.96]
+    base = [0.92, 0.93, 0.93, 0.95]
+    # d = (0.01, 0.02, 0.01, 0.01): mean 0.0125; sample sd sqrt((3·0.0025² + 0.0075²)/3) = 0.005;
+    # t = 0.0125 / (0.005 / √4) = 5, df = 3.
+    s = paired_stats(method, base)
+    assert s.n == 4 and s.wins == 4 and s.ties == 0
+    assert s.delta_acc == pytest.approx(0.0125, abs=1e-12)
+    assert s.t == pytest.approx(5.0, rel=1e-9)
+    assert s.p == pytest.approx(_t3_sf(5.0), rel=1e-9)  # ≈ 0.00770
+    assert s.p == pytest.approx(0.0077, abs=5e-5)
+    assert s.base_mean == pytest.approx(0.9325) and s.method_mean == pytest.approx(0.945)
+    # base: deviations (−0.0125, −0.0025, −0.0025, 0.0175); ss = 4.75e-4; sd = sqrt(4.75e-4 / 3)
+    assert s.base_std == pytest.approx(math.sqrt(4.75e-4 / 3), rel=1e-9)
+    assert s.method_std == pytest.approx(math.sqrt(5e-4 / 3), rel=1e-9)
+    # Δerr% = −0.0125 / (1 − 0.9325) · 100
+    assert s.delta_err_pct == pytest.approx(-0.0125 / 0.0675 * 100, rel=1e-9)
+    assert s.sign_p == pytest.approx(1 / 16)  # 4/4 wins: 0.5⁴
+
+
+def test_same_as_scipy_ttest_rel_greater_and_direction_matters():
+    m, k = [0.5, 0.52, 0.49, 0.55, 0.51], [0.5, 0.5, 0.5, 0.5, 0.5]
+    ref = sps.ttest_rel(m, k, alternative="greater")
+    s = paired_stats(m, k)
+    assert s.t == pytest.approx(ref.statistic) and s.p == pytest.approx(ref.pvalue)
+    assert paired_stats(k, m).p == pytest.approx(1 - ref.pvalue)
+    assert s.wins == 3 and s.ties == 1
+
+
+def test_paper_mnist_delta_err():
+    # Table 3, MNIST: Δacc +0.0005 over Kaiming 0.9928 → −6.94 %.
+    s = paired_stats([0.9933], [0.9928])
+    assert round(s.delta_err_pct, 2) == -6.94
+
+
+def test_sign_test_values_of_the_notes():
+    for wins, p in ((8, 0.0039), (7, 0.0352), (6, 0.1445)):
+        s = paired_stats([1.0] * wins + [0.0] * (8 - wins), [0.5] * 8)
+        assert s.sign_p == pytest.approx(p, abs=1e-4)
+
+
+def test_one_pair_is_undefined_not_an_error():
+    s = paired_stats([0.9], [0.8])
+    assert s.n == 1 and math.isnan(s.t) and math.isnan(s.p) and math.isnan(s.base_std)
+    assert s.wins == 1 and s.delta_acc == pytest.approx(0.1)
+    assert s.as_dict()["p"] is None and s.as_dict()["base_std"] is None
+    assert format_p(s.p) == "n/a" and format_mean_std(0.9, s.method_std) == "0.9000"
+
+
+def test_zero_variance_of_differences_gives_nan_p():
+    # Every pair differs by exactly 1/360 (one test image): t would be x/0.
+    k = [0.95, 0.96, 0.97]
+    s = paired_stats([x + 1 / 360 for x in k], k)
+    assert math.isnan(s.p) and math.isnan(s.t) and s.wins == 3
+    ties = paired_stats(k, k)
+    assert math.isnan(ties.p) and ties.ties == 3 and ties.wins == 0 and math.isnan(ties.sign_p)
+
+
+def test_perfect_kaiming_gives_undefined_delta_err():
+    assert math.isnan(paired_stats([1.0, 1.0], [1.0, 1.0]).delta_err_pct)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="paired"):
+        paired_stats([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="no pairs"):
+        paired_stats([], [])
+
+
+@pytest.mark.parametrize("p, stars", [(0.0007, "***"), (0.0109, "**"), (0.07, "*"), (0.2, ""),
+                                      (math.nan, "")])
+def test_significance_markers(p, stars):
+    assert significance(p) == stars
+
+
+def test_table3_markdown_rows_and_mean_row():
+    a = paired_stats([0.93, 0.95, 0.94, 0.96], [0.92, 0.93, 0.93, 0.95])
+    b = paired_stats([0.9], [0.9])
+    table = table3_markdown([("MNIST", "prewarm", a), ("SVHN", "prewarm", b)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| Dataset | Method | n | Kaiming |")
+    assert "| MNIST | prewarm | 4 | 0.9325 ± 0.0126 | 0.9450 ± 0.0129 | +0.0125 | -18.52% | " \
+           "0.0077*** | 4/4 |" in lines
+    assert "| SVHN | prewarm | 1 | 0.9000 | 0.9000 | +0.0000 | +0.00% | n/a | 0/1 |" in lines
+    mean = [ln for ln in lines if ln.startswith("| Mean | prewarm")]
+    assert mean and "| +0.006" in mean[0] and "| -9.26% |" in mean[0]  # (0.0125 + 0) / 2
+    assert isinstance(a, PairedStats)
