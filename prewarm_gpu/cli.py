@@ -101,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "at least 1 — small convs gain little from more, and oversubscribed OpenMP "
                    "threads slow down tenfold on a busy machine)")
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="keep the model in NCHW (default: channels_last)")
+                   help="single-run trainer: keep the model in NCHW (default: channels_last)")
+    r.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="train one run at a time (default: the runs of a dataset train together "
+                   "as one stacked model)")
+    r.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="batched trainer: fp32 (default, as the paper), tf32, or bf16 autocast")
+    r.add_argument("--backend", choices=["auto", "grouped", "vmap", "loop"], default="auto",
+                   help="batched trainer: grouped convolutions, vmap, or per-run kernels in one "
+                   "step (auto: loop on the CPU, grouped for SimpleCNN on a GPU)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
                    "runs/all for --dataset all)")
     r.add_argument("--resume", action="store_true",
@@ -153,7 +161,8 @@ def _sweep_config(args: argparse.Namespace):
         save_models=args.save_models, plot=args.plot, progress=args.progress, steps=args.steps,
         batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
         eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
-        channels_last=args.channels_last,
+        channels_last=args.channels_last, batch=args.batch, precision=args.precision,
+        backend=args.backend,
     )
 
 

@@ -106,7 +106,10 @@ class SweepConfig:
     loss_points: int = 100
     aux_weight: float = 0.3
     target_loss: float = 0.5
-    channels_last: bool = True  # NHWC model (both arms alike): ~30 % faster convs on CPU
+    channels_last: bool = True  # NHWC model, single-run trainer (both arms alike): ~30 % faster
+    batch: bool = True  # train the runs of a dataset together as one stacked model (issue 5)
+    precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
+    backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -135,6 +138,7 @@ class RunSpec:
     train: TrainConfig
     device_type: str  # "cpu"/"cuda": the data order (randperm) depends on it
     channels_last: bool
+    precision: str = "fp32"
 
     @property
     def config(self) -> dict[str, Any]:
@@ -146,7 +150,7 @@ class RunSpec:
         return {"dataset": self.dataset, "arch": self.arch, "init": self.init,
                 "options": _jsonable(dict(self.options)), "train": t,
                 "device_type": self.device_type, "channels_last": self.channels_last,
-                "protocol": PROTOCOL}
+                "precision": self.precision, "protocol": PROTOCOL}
 
     @property
     def config_hash(self) -> str:
@@ -175,6 +179,16 @@ def methods_of(config: SweepConfig) -> list[str]:
     return [i for i in dict.fromkeys(config.inits) if i != BASELINE]
 
 
+def batchable(arch: str) -> bool:
+    """Whether runs of ``arch`` can train stacked: models with auxiliary heads cannot."""
+    return not hasattr(build_model(arch, in_channels=1, n_classes=2, image_size=8), "aux_logits")
+
+
+def _channels_last(config: SweepConfig, arch: str) -> bool:
+    """channels_last applies to the single-run trainer only (the batched one stacks weights)."""
+    return config.channels_last and not (config.batch and batchable(arch))
+
+
 def plan_runs(config: SweepConfig) -> list[RunSpec]:
     """Every run of the sweep, grouped by dataset then seed, Kaiming first within a seed — so an
     interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed)."""
@@ -199,10 +213,13 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
         tc = config.train_config(ds)
         for seed in config.seeds:
             for arch in archs:
-                specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev, config.channels_last))
+                specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev,
+                                     _channels_last(config, arch), config.precision))
             for m in methods:
                 opts = tuple(sorted(config.init_options.get(m, {}).items()))
-                specs.append(RunSpec(ds, _arch_of(m), m, seed, opts, tc, dev, config.channels_last))
+                arch = _arch_of(m)
+                specs.append(RunSpec(ds, arch, m, seed, opts, tc, dev,
+                                     _channels_last(config, arch), config.precision))
     return specs
 
 
@@ -266,6 +283,73 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
         result = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
         step_progress(spec.train.steps - reported[0])
     return _record(spec, result, report, init_seconds, time.perf_counter() - t0)
+
+
+def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
+              progress: Callable[[int], None] | None = None, backend: str = "auto",
+              save_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
+    together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
+
+    A run whose initialisation raises is recorded as failed alone; if the batched training itself
+    raises, every run of the batch is recorded as failed with the error (the sweep goes on)."""
+    from .batched import train_batched
+
+    records: dict[str, dict[str, Any]] = {}
+    built = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        try:
+            model, report = build_arm(spec, data)
+            built.append((spec, model, report, time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
+            err = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
+            records[spec.key] = _record(spec, err, {}, None, time.perf_counter() - t0)
+            if progress:
+                progress(spec.train.steps)
+    if built:
+        reported = [0]
+
+        def step_progress(n: int) -> None:
+            reported[0] += n
+            if progress:
+                progress(n)
+
+        try:
+            results = train_batched([b[1] for b in built], data, built[0][0].train,
+                                    seeds=[b[0].seed for b in built],
+                                    precision=built[0][0].precision, backend=backend,
+                                    progress=step_progress)
+        except Exception as e:  # noqa: BLE001
+            results = [TrainResult("failed", None, error=f"batched training: "
+                                   f"{type(e).__name__}: {e}") for _ in built]
+            if progress:
+                progress(sum(b[0].train.steps for b in built) - reported[0])
+        for (spec, model, report, init_s), r in zip(built, results, strict=True):
+            if save_dir is not None and r.status == "ok":
+                _save_model(model, model_path(save_dir, spec))
+            records[spec.key] = _record(spec, r, report, init_s, init_s + r.seconds)
+    for spec in specs:
+        records[spec.key]["trainer"] = "batched"
+    return [records[s.key] for s in specs]
+
+
+def _groups(specs: Sequence[RunSpec], batch: bool) -> list[list[RunSpec]]:
+    """Runs that train together: with ``batch``, all runs of a batchable architecture (in plan
+    order); every other run alone."""
+    if not batch:
+        return [[s] for s in specs]
+    groups: dict[str, list[RunSpec]] = {}
+    out: list[list[RunSpec]] = []
+    for s in specs:
+        if batchable(s.arch):
+            if s.arch not in groups:
+                groups[s.arch] = []
+                out.append(groups[s.arch])
+            groups[s.arch].append(s)
+        else:
+            out.append([s])
+    return out
 
 
 def _save_model(model: nn.Module, path: Path) -> None:
@@ -615,19 +699,28 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                 continue
             data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
                                 device=config.device)
-            for spec in mine:
+            update = bar.update if bar is not None else None
+            for group in _groups(mine, config.batch):
                 if bar is not None:
-                    bar.set_postfix_str(spec.label, refresh=False)
-                rec = run_one(spec, data, progress=bar.update if bar is not None else None,
-                              save_to=model_path(config.out, spec) if config.save_models else None)
-                rec["env"] = env
-                append_result(path, rec)
-                records.append(rec)
-                if rec["status"] != "ok":
-                    log(f"run failed: {spec.label}: {rec['error']}")
+                    bar.set_postfix_str(group[0].label if len(group) == 1 else
+                                        f"{ds}: {len(group)} runs batched", refresh=False)
+                if len(group) > 1:
+                    recs = run_batch(group, data, progress=update, backend=config.backend,
+                                     save_dir=config.out if config.save_models else None)
+                else:
+                    spec = group[0]
+                    recs = [run_one(spec, data, progress=update, save_to=model_path(
+                        config.out, spec) if config.save_models else None)]
+                    recs[0]["trainer"] = "single"
+                for spec, rec in zip(group, recs, strict=True):
+                    rec["env"] = env
+                    append_result(path, rec)
+                    records.append(rec)
+                    if rec["status"] != "ok":
+                        log(f"run failed: {spec.label}: {rec['error']}")
+                    if after_run is not None:
+                        after_run(rec)
                 write_summary(config, specs, records, env)
-                if after_run is not None:
-                    after_run(rec)
             if config.plot:
                 plot_filters(config, specs, data)
             del data
