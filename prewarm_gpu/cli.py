@@ -136,7 +136,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true")
     s.add_argument("--device", default=_default_device())
     s.add_argument("--n-filters", type=int, default=32, help="F, conv1's filters (32)")
+
+    fb = sub.add_parser("filterbank", help="clustered filter banks of trained models (Ulm et al.)")
+    fbs = fb.add_subparsers(dest="fb_command", required=True)
+    b = fbs.add_parser("build", help="cluster the conv kernels of a sweep's saved models into a "
+                       "bank for --init filterbank --bank FILE",
+                       description="Reads <runs>/models/<dataset>-<init>-<seed>.pt (written by "
+                       "`reproduce --save-models`), clusters each conv layer's 2-D kernels, and "
+                       "saves the centres and cluster-size pdf per layer.")
+    b.add_argument("--runs", type=Path, required=True, help="a reproduce --out folder")
+    b.add_argument("--out", type=Path, required=True, help="the bank file to write")
+    b.add_argument("--dataset", default=None, help="only models of this dataset")
+    b.add_argument("--init", default=None, help="only models of this initialisation")
+    b.add_argument("--n-clusters", type=int, default=3, help="centres per layer (3)")
+    b.add_argument("--variant", choices=["euclidean", "fourier"], default="euclidean",
+                   help="cluster kernels as they are, or the real part of their 2-D FFT "
+                   "(their code's 'fourier': point-symmetric centres)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
     return p
+
+
+def _filterbank(args: argparse.Namespace) -> int:
+    from .methods.filterbank import build_bank_from_runs, save_bank
+
+    bank = build_bank_from_runs(args.runs, dataset=args.dataset, init=args.init,
+                                n_clusters=args.n_clusters, variant=args.variant,
+                                generator=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_bank(bank, args.out)
+    print(f"bank of {len(bank['sources'])} models, variant {args.variant}, "
+          f"{args.n_clusters} clusters per layer: {args.out}")
+    return 0
 
 
 # --- reproduce -----------------------------------------------------------------------------------
@@ -265,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command == "filterbank":
+            return _filterbank(args)
         return _reproduce(args) if args.command == "reproduce" else _stats(args)
     except (ResultsExistError, DatasetNotFoundError, KeyError, ValueError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

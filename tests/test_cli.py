@@ -122,8 +122,10 @@ def test_module_and_console_entry_points():
 @pytest.mark.slow
 def test_killed_sweep_keeps_finished_runs_and_resume_completes_it(tmp_path):
     out = tmp_path / "run"
+    # --no-batch: runs finish one by one, so a kill can land between two of them (batched runs
+    # of a dataset finish together; an interrupted batch keeps every earlier finished batch).
     argv = ["reproduce", "--seeds", "42", "7", "--steps", "60", "--eval-points", "2",
-            "--no-progress", "--threads", "1", "--out", str(out)]
+            "--no-progress", "--threads", "1", "--no-batch", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "prewarm_gpu", *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
