@@ -24,6 +24,23 @@ def digits_images() -> torch.Tensor:
     return torch.from_numpy((d.images / 16.0).astype(np.float32)).unsqueeze(1)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on two shared cores, oversubscribed OpenMP threads crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's digits through the harness's loader (uint8-like tensors, both splits)."""
+    from prewarm_gpu.data import load_dataset
+
+    return load_dataset("digits")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

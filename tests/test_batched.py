@@ -7,14 +7,8 @@ import torch
 
 from prewarm_gpu import prewarm_
 from prewarm_gpu.batched import train_batched
-from prewarm_gpu.data import load_dataset
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import TrainConfig, evaluate, train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _models(digits, seeds):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from prewarm_gpu import cli
 from tests.test_data import write_mnist
@@ -20,11 +19,8 @@ FAST = ["--steps", "6", "--eval-points", "2", "--no-progress"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def test_parse_init_options():

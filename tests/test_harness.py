@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from prewarm_gpu import harness, initializers
-from prewarm_gpu.data import load_dataset
 from prewarm_gpu.harness import (
     ResultsExistError,
     SweepConfig,
@@ -21,16 +20,8 @@ from prewarm_gpu.harness import (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: oversubscribed OpenMP threads crawl
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture(autouse=True)

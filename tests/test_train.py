@@ -6,22 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from prewarm_gpu.data import first_batch_indices, load_dataset
+from prewarm_gpu.data import first_batch_indices
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import TrainConfig, cosine_lr, curve_steps, evaluate, train
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: oversubscribed OpenMP threads crawl
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 class Linear(nn.Module):

@@ -128,3 +128,18 @@ def first_call(fn):
 
     hook_for.done = done
     return hook_for
+
+
+def forward_with_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], hook_for,
+                       images: torch.Tensor, method: str) -> None:
+    """One forward pass with ``hook_for(name)`` on each layer; every hook must have fired."""
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [n for n, m in layers if id(m) not in hook_for.done]
+    if missed:
+        raise RuntimeError(f"{method}: layers {missed} did not run in the forward pass on the "
+                           "batch; exclude them or check the model's forward")

@@ -64,7 +64,15 @@ from torch import nn
 from .._random import as_generator
 from ..initializers import register
 from ..kmeans import MiniBatchKMeans
-from ._common import AFFINE, first_call, measurement_mode, model_device, require_images, rollback
+from ._common import (
+    AFFINE,
+    first_call,
+    forward_with_hooks,
+    measurement_mode,
+    model_device,
+    require_images,
+    rollback,
+)
 from ._common import select_layers as _select
 
 __all__ = ["datadep_", "layer_inputs", "VARIANTS", "datadep"]
@@ -330,16 +338,7 @@ def datadep_(
 
     hook_for = first_call(init_layer)
     with torch.no_grad(), rollback(model), measurement_mode(model):
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-        try:
-            model(images)
-        finally:
-            for h in handles:
-                h.remove()
-        missed = [n for n, m in layers if id(m) not in hook_for.done]
-        if missed:
-            raise RuntimeError(f"datadep: layers {missed} did not run in the forward pass on the "
-                               "batch; exclude them or check the model's forward")
+        forward_with_hooks(model, layers, hook_for, images, "datadep")
         between = None
         if between_layer:
             by_order = dict(layers)

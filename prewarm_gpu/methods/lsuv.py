@@ -39,7 +39,15 @@ from torch import nn
 
 from .._random import as_generator
 from ..initializers import register
-from ._common import AFFINE, first_call, measurement_mode, model_device, require_images, rollback
+from ._common import (
+    AFFINE,
+    first_call,
+    forward_with_hooks,
+    measurement_mode,
+    model_device,
+    require_images,
+    rollback,
+)
 from ._common import select_layers as _select
 
 __all__ = ["lsuv_", "orthonormal_", "lsuv"]
@@ -136,18 +144,7 @@ def lsuv_(
                 orthonormal_(m.weight, generator=g)
                 if m.bias is not None:
                     m.bias.zero_()
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-        try:
-            model(images)
-        finally:
-            for h in handles:
-                h.remove()
-        missed = [n for n, m in layers if id(m) not in hook_for.done]
-        if missed:
-            raise RuntimeError(
-                f"LSUV: layers {missed} did not run in the forward pass on the batch; "
-                "exclude them or check the model's forward"
-            )
+        forward_with_hooks(model, layers, hook_for, images, "LSUV")
     return {
         "order": order,
         "variance": variance,
