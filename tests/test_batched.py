@@ -25,11 +25,12 @@ def _models(digits, seeds):
     return out, [s for s in seeds for _ in range(2)]
 
 
-def _compare(digits, dtype, backend="auto"):
+def _compare(digits, dtype, backend="auto", channels_last=False):
     cfg = TrainConfig(steps=60, lr_start=3e-3, lr_end=3e-5, eval_points=2, loss_points=60)
     models, seeds = _models(digits, [42])  # a Kaiming and a Pre-Warm run
     models = [m.to(dtype) for m in models]
-    singles = [copy.deepcopy(m) for m in models]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    singles = [copy.deepcopy(m).to(memory_format=fmt) for m in models]
     batched = train_batched(models, digits, cfg, seeds=seeds, backend=backend)
     pairs = []
     for m, s, b in zip(singles, seeds, batched, strict=True):
@@ -57,16 +58,26 @@ def test_batched_equals_single_run_exactly_in_float64(digits, backend):
         assert evaluate(m, data64) == b_acc
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop"])
-def test_batched_matches_single_run_fp32(digits, backend):
-    """fp32: equal to rounding at first; Adam then amplifies rounding differences.
+def test_cpu_default_backend_matches_single_run_fp32_within_issue_tolerance(digits):
+    """fp32, the CPU default (``loop``: each run's own kernels, channels_last like the harness's
+    single-run trainer): losses within 1e-4 over the first 50 steps, accuracies within 0.1 points.
+    (Measured: ≤ 2.4e-7, accuracies identical.)"""
+    _, _, pairs = _compare(digits, torch.float32, "auto", channels_last=True)
+    for b_loss, r_loss, b_acc, r_acc in pairs:
+        torch.testing.assert_close(b_loss[:50], r_loss[:50], rtol=0, atol=1e-4)
+        assert abs(b_acc - r_acc) <= 0.001
 
-    The issue asks for 1e-4 over 50 steps. Measured: the single-run trainer against *itself* run
-    with 1 instead of 2 threads already differs by 1.5e-4 by step 50 on this problem, so 1e-4 is
-    below fp32's floor. We assert the first 8 steps within 1e-4 (measured ≤ 4.5e-5), all 50
-    within 1e-3 (measured ≤ 4.5e-4), and final accuracies within one test image (1/360).
+
+def test_grouped_backend_matches_single_run_fp32(digits):
+    """fp32, grouped convolutions (the GPU default): equal to rounding at first, then Adam
+    amplifies the different summation order of grouped kernels.
+
+    Measured: the single-run trainer against *itself* with 1 instead of 2 threads differs by
+    1.5e-4 by step 50 here, so the issue's 1e-4 is below fp32's floor for any change of kernels.
+    We assert the first 8 steps within 1e-4 (measured ≤ 4.5e-5), all 50 within 1e-3 (measured
+    ≤ 4.5e-4), and final accuracies within one test image (1/360); float64 (above) is exact.
     """
-    _, _, pairs = _compare(digits, torch.float32, backend)
+    _, _, pairs = _compare(digits, torch.float32, "grouped")
     for b_loss, r_loss, b_acc, r_acc in pairs:
         torch.testing.assert_close(b_loss[:8], r_loss[:8], rtol=0, atol=1e-4)
         torch.testing.assert_close(b_loss[:50], r_loss[:50], rtol=0, atol=1e-3)
