@@ -92,12 +92,16 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 2048) -> float
     return int(correct) / data.test_x.shape[0]
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    loss = F.cross_entropy(model(x), y)
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, main-head cross-entropy). The objective adds ``aux_weight · Σ CE(aux)`` for a
+    deeply supervised model; the logged curve (and steps to target) is the main head's loss, so
+    models with and without auxiliary heads are compared on the same quantity."""
+    main = F.cross_entropy(model(x), y)
     aux = getattr(model, "aux_logits", None)
     if aux:  # deep supervision (a model's auxiliary heads, set by its forward in train mode)
-        loss = loss + aux_weight * sum(F.cross_entropy(a, y) for a in aux)
-    return loss
+        return main + aux_weight * sum(F.cross_entropy(a, y) for a in aux), main
+    return main, main
 
 
 def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
@@ -131,12 +135,13 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
     for t in range(cfg.steps):
         step = t + 1
         idx = next(order)
-        loss = _loss(model, data.standardise(data.train_x[idx]), data.train_y[idx], cfg.aux_weight)
+        loss, main = _loss(model, data.standardise(data.train_x[idx]), data.train_y[idx],
+                           cfg.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses[t] = loss.detach()
+        losses[t] = torch.where(torch.isfinite(loss), main, loss).detach()  # NaN objective: fail
         if step not in loss_marks and step not in acc_marks:
             continue
         bad = (~torch.isfinite(losses[checked:step])).nonzero()  # the host sync of this point
