@@ -104,3 +104,14 @@ def test_bad_input(digits):
         train_batched([SimpleCNN(1, 10, 8)], digits, cfg, seeds=[1], backend="magic")
     with pytest.raises(ValueError, match="precision"):
         train_batched([SimpleCNN(1, 10, 8)], digits, cfg, seeds=[1], precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_reduced_precisions_train(digits, precision):
+    # bf16 autocast (CPU autocast here; BatchNorm parameters and the loss stay fp32) and the TF32
+    # flag (a no-op on the CPU) still learn the task.
+    cfg = TrainConfig(steps=40, eval_points=1, loss_points=4)
+    models, seeds = _models(digits, [3])
+    res = train_batched(models, digits, cfg, seeds=seeds, precision=precision, backend="grouped")
+    assert all(r.status == "ok" and r.accuracy > 0.5 for r in res), res
+    assert all(p.dtype == torch.float32 for m in models for p in m.parameters())
