@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -22,10 +24,10 @@ def as_generator(generator: int | torch.Generator | None, device: torch.device) 
     g = torch.Generator(device=device)
     if generator is None:
         g.seed()
-    elif isinstance(generator, int) and not isinstance(generator, bool):
+    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
         if generator < 0:
             raise ValueError(f"seed must be a non-negative int, got {generator}")
-        g.manual_seed(generator)
+        g.manual_seed(int(generator))
     else:
         raise TypeError(
             "generator must be None, an int seed or a torch.Generator, "

@@ -15,6 +15,7 @@ and the result is written into filters ``[0, n_clusters)`` of the target conv.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -151,12 +152,12 @@ def _check_images(images, conv: nn.Conv2d, name: str) -> torch.Tensor:
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {rng}, got {value}")
-    return value
+    return int(value)
 
 
 def _auto_n_patches(raw: torch.Tensor, n_filters: int, patch: tuple[int, int], g):
@@ -227,6 +228,13 @@ def prewarm_(
         >>> model = torchvision.models.resnet18()
         >>> report = prewarm_(model, images, generator=0)  # conv1: 7×7, stride 2
     """
+    with torch.no_grad():  # images may require grad; nothing here is differentiated
+        return _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size,
+                        raw_images, generator)
+
+
+def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
+             generator) -> PrewarmReport:
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -265,7 +273,7 @@ def prewarm_(
             warnings.warn(
                 "n_patches='auto' is computing the paper's rules on `images`, which look "
                 "standardised (values outside [0, 1]); pass raw_images= with raw [0, 1] pixels",
-                stacklevel=2,
+                stacklevel=3,  # the caller of prewarm_
             )
         P, rule, stat, tau = _auto_n_patches(raw, F, patch, g)
     elif isinstance(n_patches, str):
@@ -278,7 +286,7 @@ def prewarm_(
         )
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a finite number > 0, got {scale}")
         sigma, scale_rule = float(scale), "given"

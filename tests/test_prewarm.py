@@ -282,3 +282,13 @@ def test_cuda_bad_device_mix():
     conv = nn.Conv2d(1, 8, 3).cuda()
     with pytest.raises(ValueError, match="same device"):
         prewarm_(conv, torch.rand(4, 1, 8, 8), n_patches=9)
+
+
+def test_images_requiring_grad_and_numpy_scalars(digits_images):
+    x = digits_images[:64].clone().requires_grad_(True)
+    net = Net()
+    r = prewarm_(net, x, n_patches=np.int64(10), n_clusters=np.int32(8), scale=np.float32(0.3),
+                 generator=np.int64(4))
+    assert r.n_patches == 10 and r.n_clusters == 8 and x.grad is None
+    assert net.conv1.weight.grad_fn is None and net.conv1.weight.requires_grad
+    assert net.conv1.weight[:8].std(unbiased=False).item() == pytest.approx(0.3, rel=1e-5)
