@@ -40,8 +40,6 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 @contextlib.contextmanager
 def _precision(precision: str, device: torch.device):
     """fp32: exact; tf32: TF32 matmuls and convolutions; bf16: autocast (BatchNorm stays fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         yield
         return
@@ -302,6 +300,8 @@ def train_batched(
     """
     cfg, dev = config, data.device
     _check_models(models, seeds, dev)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     t0 = time.perf_counter()
     R = len(models)
     for m in models:

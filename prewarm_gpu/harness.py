@@ -21,6 +21,7 @@ Output folder (``--out``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -179,8 +180,10 @@ def methods_of(config: SweepConfig) -> list[str]:
     return [i for i in dict.fromkeys(config.inits) if i != BASELINE]
 
 
+@functools.cache
 def batchable(arch: str) -> bool:
-    """Whether runs of ``arch`` can train stacked: models with auxiliary heads cannot."""
+    """Whether runs of ``arch`` can train stacked: models with auxiliary heads cannot (probed
+    once per architecture on a tiny instance)."""
     return not hasattr(build_model(arch, in_channels=1, n_classes=2, image_size=8), "aux_logits")
 
 
@@ -257,19 +260,29 @@ def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]
     return model, report or {}
 
 
+class _StepCounter:
+    """Forwards step counts to ``progress`` and keeps their total, so a run (or a batch) that
+    ends early can still account for the steps it will not take."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        self.progress, self.done = progress, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(n)
+
+    def finish(self, total: int) -> None:
+        self(total - self.done)
+
+
 def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
             save_to: Path | None = None) -> dict[str, Any]:
     """Build, initialise and train one run; the ``results.jsonl`` record (never raises for a failed
     run: an exception or a NaN/Inf loss gives ``status="failed"`` with the error)."""
     t0 = time.perf_counter()
     report: dict[str, Any] = {}
-    reported = [0]  # steps passed to ``progress``, so a crashed run still adds up to its steps
-
-    def step_progress(n: int) -> None:
-        reported[0] += n
-        if progress:
-            progress(n)
-
+    step_progress = _StepCounter(progress)
     try:
         model, report = build_arm(spec, data)
         init_seconds = time.perf_counter() - t0
@@ -281,7 +294,7 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
     except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
         init_seconds = None
         result = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
-        step_progress(spec.train.steps - reported[0])
+        step_progress.finish(spec.train.steps)
     return _record(spec, result, report, init_seconds, time.perf_counter() - t0)
 
 
@@ -305,16 +318,9 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
         except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
             err = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
             records[spec.key] = _record(spec, err, {}, None, time.perf_counter() - t0)
-            if progress:
-                progress(spec.train.steps)
+            _StepCounter(progress).finish(spec.train.steps)
     if built:
-        reported = [0]
-
-        def step_progress(n: int) -> None:
-            reported[0] += n
-            if progress:
-                progress(n)
-
+        step_progress = _StepCounter(progress)
         try:
             results = train_batched([b[1] for b in built], data, built[0][0].train,
                                     seeds=[b[0].seed for b in built],
@@ -323,8 +329,7 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
         except Exception as e:  # noqa: BLE001
             results = [TrainResult("failed", None, error=f"batched training: "
                                    f"{type(e).__name__}: {e}") for _ in built]
-            if progress:
-                progress(sum(b[0].train.steps for b in built) - reported[0])
+            step_progress.finish(sum(b[0].train.steps for b in built))
         for (spec, model, report, init_s), r in zip(built, results, strict=True):
             if save_dir is not None and r.status == "ok":
                 _save_model(model, model_path(save_dir, spec))

@@ -200,10 +200,14 @@ class MiniBatchKMeans:
         """Cluster the rows of X (n, d) on X's device; returns ``self``."""
         self._check_params()
         X = self._check_X(X)
+        if X.shape[0] < self.n_clusters:
+            raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}.")
+        return self._fit(X)
+
+    def _fit(self, X: torch.Tensor) -> MiniBatchKMeans:
+        """:meth:`fit` on valid input: finite, contiguous float32/float64 X with n ≥ k rows."""
         n, d = X.shape
         k = self.n_clusters
-        if n < k:
-            raise ValueError(f"n_samples={n} should be >= n_clusters={k}.")
         dev = X.device
         g = as_generator(self.random_state, dev)
         batch = min(self.batch_size, n)
@@ -305,7 +309,6 @@ class MiniBatchKMeans:
     def _run_device(self, X, centres, g, batch, budget, st, sync_every, indices=None):
         """Step loop with every decision on the device (masks); the host looks every few steps."""
         n, k, dev, dt = X.shape[0], self.n_clusters, X.device, X.dtype
-        arange_k = torch.arange(k, device=dev)
         counts = torch.zeros(k, device=dev, dtype=dt)
         ewa = torch.zeros((), device=dev, dtype=dt)
         ewa_min = torch.full((), math.inf, device=dev, dtype=dt)
@@ -329,8 +332,7 @@ class MiniBatchKMeans:
                     xb = X.index_select(0, idx[j0 + s])
                     labels = _labels(xb, centres)
                     batch_inertia = (xb - centres[labels]).square().sum()
-                    onehot = labels[:, None] == arange_k
-                    m = onehot.sum(0).to(dt)
+                    m = torch.bincount(labels, minlength=k).to(dt)
                     sums = torch.zeros_like(centres).index_add_(0, labels, xb)
                     new_counts = counts + m
                     upd = (centres * counts[:, None] + sums) / new_counts.clamp(min=1e-30)[:, None]

@@ -76,13 +76,8 @@ def extract_patches(images: torch.Tensor, patch_size: int | tuple[int, int], n_p
     drawn on the images' device; image-major order, as Listing 1. Not mean-centred.
     """
     kh, kw = rules._pair(patch_size)
-    dh, dw = rules._pair(dilation)
-    B, _, H, W = images.shape
     g = as_generator(generator, images.device)
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    rows = torch.randint(0, H - span_h + 1, (B, n_patches), generator=g, device=images.device)
-    cols = torch.randint(0, W - span_w + 1, (B, n_patches), generator=g, device=images.device)
-    return rules.gather_patches(images, rows, cols, kh, kw, (dh, dw))
+    return rules.random_patches(images, kh, kw, n_patches, g, rules._pair(dilation))
 
 
 def weight_and_normalise(centroids: torch.Tensor, patch_size: int | tuple[int, int],
@@ -122,11 +117,8 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
 
 
 # --------------------------------------------------------------------------- validation
-def _check_images(images, conv: nn.Conv2d, name: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
+def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Tensor:
+    """Checks of a 4-D image tensor against the target conv; returns it as float (≥ float32)."""
     if images.shape[0] < 1:
         raise ValueError("images is an empty batch")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -298,8 +290,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     if patch != kernel:  # §4.3: centre-crop larger patches to the filter
         top, left = (patch[0] - kernel[0]) // 2, (patch[1] - kernel[1]) // 2
         filters = filters[:, :, top : top + kernel[0], left : left + kernel[1]]
-    with torch.no_grad():
-        conv.weight[:k].copy_(filters.to(conv.weight.dtype))
+    conv.weight[:k].copy_(filters.to(conv.weight.dtype))  # under prewarm_'s no_grad
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return PrewarmReport(
@@ -313,7 +304,7 @@ def _cluster(x, patch, dil, n_patches, k, g):
     """Steps 1-3: extract, mean-centre, cluster. Returns (centroids (k, C·K_h·K_w), fitted km)."""
     p = extract_patches(x, patch, n_patches, dilation=dil, generator=g)
     p = p - p.mean(1, keepdim=True)
-    km = MiniBatchKMeans(k, n_init=3, random_state=g).fit(p)
+    km = MiniBatchKMeans(k, n_init=3, random_state=g)._fit(p)  # p is valid: skip fit's checks
     return km.cluster_centers_, km
 
 

@@ -121,10 +121,15 @@ def foreground_density(
     return above / total
 
 
-def _positions(n_images, h, w, kh, kw, n_patches, g, device):
-    rows = torch.randint(0, h - kh + 1, (n_images, n_patches), generator=g, device=device)
-    cols = torch.randint(0, w - kw + 1, (n_images, n_patches), generator=g, device=device)
-    return rows, cols
+def random_patches(images: torch.Tensor, kh: int, kw: int, n_patches: int, g: torch.Generator,
+                   dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``n_patches`` windows per image at uniform random top-left corners (every valid one, as
+    Listing 1's ``random.randint``), drawn from ``g`` on the images' device; image-major order."""
+    B, _, H, W = images.shape
+    span_h, span_w = (kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1
+    rows = torch.randint(0, H - span_h + 1, (B, n_patches), generator=g, device=images.device)
+    cols = torch.randint(0, W - span_w + 1, (B, n_patches), generator=g, device=images.device)
+    return gather_patches(images, rows, cols, kh, kw, dilation)
 
 
 def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, kh: int, kw: int,
@@ -191,8 +196,7 @@ def mean_patch_norm(
         else:
             if g is None:
                 g = as_generator(generator, c.device)
-            rows, cols = _positions(B, H, W, kh, kw, n_patches, g, c.device)
-            p = gather_patches(c, rows, cols, kh, kw)
+            p = random_patches(c, kh, kw, n_patches, g)
         p = p - p.mean(1, keepdim=True)
         total += float(torch.linalg.vector_norm(p, dim=1).to(torch.float64).sum())
         count += p.shape[0]
