@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._random import as_generator
+from .rules import all_finite
 
 __all__ = ["MiniBatchKMeans"]
 
@@ -40,15 +41,17 @@ def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) - c.unsqueeze(-3)).square().sum(-1)
 
 
-def _pp_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _pp_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor,
+              c_sq: torch.Tensor) -> torch.Tensor:
     """Squared distances for k-means++ seeding: c (R, t, d) to x (R, m, d) → (R, t, m).
 
     On the CPU by scikit-learn's expansion ``||x||² - 2 c·x + ||c||²`` (clamped at 0; seeding is
-    random anyway), elsewhere by direct differences.
+    random anyway) with the squared norms ``x_sq`` (R, m) and ``c_sq`` (R, t) given; elsewhere by
+    direct differences.
     """
     if x.device.type == "cpu":
         d = torch.baddbmm(x_sq.unsqueeze(1), c, x.transpose(1, 2), alpha=-2.0)
-        return d.add_(c.square().sum(-1, keepdim=True)).clamp_(min=0)
+        return d.add_(c_sq.unsqueeze(-1)).clamp_(min=0)
     return _sq_dists(c, x)
 
 
@@ -78,29 +81,31 @@ def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator) -> torch.Tens
     """Greedy k-means++ on R subsamples at once: xs (R, m, d) → centres (R, k, d).
 
     scikit-learn's ``_kmeans_plusplus``: first centre uniform; each next centre is the best of
-    ``2 + int(ln k)`` candidates drawn ∝ D², the one that lowers the total potential most.
+    ``2 + int(ln k)`` candidates drawn ∝ D², the one that lowers the total potential most. Points
+    are addressed by flat indices into the (R·m, d) stack, and every uniform draw is made up front.
     """
     R, m, d = xs.shape
+    dev = xs.device
     trials = 2 + int(math.log(k))
-    rows = torch.arange(R, device=xs.device)
-    centres = xs.new_empty(R, k, d)
-    first = torch.randint(0, m, (R,), generator=g, device=xs.device)
-    centres[:, 0] = xs[rows, first]
+    flat = xs.reshape(R * m, d)
     x_sq = xs.square().sum(-1)  # (R, m)
-    closest = _pp_dists(xs, x_sq, centres[:, :1]).squeeze(1)  # (R, m)
-    pot = closest.sum(1)
-    for j in range(1, k):
-        r = torch.rand(R, trials, generator=g, device=xs.device, dtype=xs.dtype) * pot[:, None]
-        cum = torch.cumsum(closest, 1, dtype=torch.float64)
-        cand = torch.searchsorted(cum, r.double()).clamp_(max=m - 1)  # (R, trials)
-        cand_pts = xs[rows[:, None], cand]  # (R, trials, d)
-        d_cand = torch.minimum(_pp_dists(xs, x_sq, cand_pts), closest[:, None, :])
-        cand_pot = d_cand.sum(-1)  # (R, trials)
-        best = cand_pot.argmin(1)
-        pot = cand_pot[rows, best]
-        closest = d_cand[rows, best]
-        centres[:, j] = cand_pts[rows, best]
-    return centres
+    x_sq_flat = x_sq.reshape(-1)
+    offset = torch.arange(R, device=dev).unsqueeze(1) * m  # flat index of each subsample's row 0
+    chosen = torch.randint(0, m, (R, 1), generator=g, device=dev) + offset  # (R, 1)
+    u = torch.rand(k - 1, R, trials, generator=g, device=dev, dtype=torch.float64)
+    first = flat.index_select(0, chosen.reshape(-1)).view(R, 1, d)
+    closest = _pp_dists(xs, x_sq, first, x_sq_flat[chosen]).squeeze(1)  # (R, m): D² so far
+    pot = closest.sum(1, keepdim=True, dtype=torch.float64)  # (R, 1)
+    picks = [chosen]
+    for j in range(k - 1):
+        cum = closest.cumsum(1, dtype=torch.float64)
+        cand = torch.searchsorted(cum, u[j] * pot).clamp_(max=m - 1).add_(offset)  # (R, t)
+        pts = flat.index_select(0, cand.reshape(-1)).view(R, trials, d)
+        d_cand = torch.minimum(_pp_dists(xs, x_sq, pts, x_sq_flat[cand]), closest.unsqueeze(1))
+        pot, best = d_cand.sum(-1, dtype=torch.float64).min(1, keepdim=True)  # first on ties
+        closest = d_cand.gather(1, best.unsqueeze(-1).expand(R, 1, m)).squeeze(1)
+        picks.append(cand.gather(1, best))
+    return flat.index_select(0, torch.cat(picks, 1).reshape(-1)).view(R, k, d)
 
 
 class MiniBatchKMeans:
@@ -191,7 +196,7 @@ class MiniBatchKMeans:
         if not X.is_floating_point():
             raise TypeError(f"X must be floating point or uint8, got {X.dtype}")
         X = X.to(_compute_dtype(X.dtype))
-        if not bool(torch.isfinite(X).all()):
+        if not all_finite(X):
             raise ValueError("X contains NaN or Inf")
         return X.contiguous()
 

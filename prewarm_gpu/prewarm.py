@@ -138,9 +138,14 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
             "move them to the same device"
         )
     x = rules.to_float(images)
-    if not bool(torch.isfinite(x).all()):
+    if not rules.all_finite(x):
         raise ValueError("images contain NaN or Inf")
     return x
+
+
+def _in_unit_range(x: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(x)
+    return float(lo) >= 0 and float(hi) <= 1
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -259,9 +264,9 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
             raise ValueError(f"raw_images must be a (N, {C}, H, W) tensor, got "
                              f"{getattr(raw, 'shape', type(raw).__name__)}")
         raw = rules.to_float(raw.to(x.device))
-        if not bool(torch.isfinite(raw).all()):
+        if not rules.all_finite(raw):
             raise ValueError("raw_images contain NaN or Inf")
-        if raw_images is None and (float(raw.min()) < 0 or float(raw.max()) > 1):
+        if raw_images is None and not _in_unit_range(raw):
             warnings.warn(
                 "n_patches='auto' is computing the paper's rules on `images`, which look "
                 "standardised (values outside [0, 1]); pass raw_images= with raw [0, 1] pixels",

@@ -31,6 +31,7 @@ __all__ = [
     "kaiming_parity_scale",
     "default_scale",
     "to_float",
+    "all_finite",
 ]
 
 GRAYSCALE_SCALE = 0.20
@@ -45,6 +46,18 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"images must be floating point or uint8, got {x.dtype}")
     return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when every element of a float tensor is finite, in one reduction pass.
+
+    NaN and ±Inf propagate through a sum, so a finite sum proves every element finite; only
+    when the sum is not finite (a NaN/Inf, or finite values whose sum overflows) does the exact
+    elementwise check run.
+    """
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _chunks(x: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:

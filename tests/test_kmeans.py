@@ -156,6 +156,7 @@ def test_direct_difference_branch_agrees_with_cpu_expression():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 500, 27, generator=gen)
     c = torch.randn(3, 4, 27, generator=gen)
-    torch.testing.assert_close(_pp_dists(x, x.square().sum(-1), c), _sq_dists(c, x),
+    torch.testing.assert_close(_pp_dists(x, x.square().sum(-1), c, c.square().sum(-1)),
+                               _sq_dists(c, x),
                                rtol=1e-4, atol=1e-4)
     assert torch.equal(_labels(x[0], c[0]), _sq_dists(x[0], c[0]).argmin(1))

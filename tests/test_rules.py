@@ -99,3 +99,17 @@ def test_rules_on_cuda_match_cpu(digits_images):
     x = digits_images.cuda()
     assert rules.otsu_threshold(x) == rules.otsu_threshold(digits_images)
     assert rules.mean_patch_norm(x) == pytest.approx(rules.mean_patch_norm(digits_images), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite(dtype):
+    big = torch.finfo(dtype).max
+    assert rules.all_finite(torch.rand(4, 5).to(dtype))
+    assert rules.all_finite(torch.full((8,), big, dtype=dtype))  # the sum overflows; values don't
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.rand(4, 5).to(dtype)
+        x[2, 3] = bad
+        assert not rules.all_finite(x), bad
+    x = torch.full((8,), big, dtype=dtype)
+    x[0], x[1] = float("inf"), -float("inf")  # inf + -inf: the sum is NaN either way
+    assert not rules.all_finite(x)
