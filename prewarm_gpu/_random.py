@@ -25,8 +25,8 @@ def as_generator(generator: int | torch.Generator | None, device: torch.device) 
     if generator is None:
         g.seed()
     elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        if generator < 0:
-            raise ValueError(f"seed must be a non-negative int, got {generator}")
+        if not 0 <= generator < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {generator}")
         g.manual_seed(int(generator))
     else:
         raise TypeError(

@@ -19,6 +19,7 @@ differences.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -64,11 +65,27 @@ def _labels(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return _sq_dists(x, c).argmin(1)
 
 
+def _cluster_sums(labels: torch.Tensor, x: torch.Tensor, k: int,
+                  by_product: bool | None = None) -> torch.Tensor:
+    """Per-cluster sums of the rows of x (n, d) → (k, d), with the same bits on every run.
+
+    ``index_add_`` is deterministic on the CPU; on CUDA it adds with atomics, whose order (and so
+    rounding) varies between runs. There the sums are a float64 one-hot product instead: a fixed
+    reduction order, more precise than float32 atomics, and never TF32.
+    """
+    if by_product is None:
+        by_product = x.device.type != "cpu"
+    if not by_product:
+        return x.new_zeros(k, x.shape[1]).index_add_(0, labels, x)
+    onehot = labels == torch.arange(k, device=x.device).unsqueeze(1)  # (k, n)
+    return (onehot.to(torch.float64) @ x.to(torch.float64)).to(x.dtype)
+
+
 def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and inertia ``Σ ||x - c_label||²`` (from direct differences), chunked over rows."""
     n, d = x.shape
     rows = max(1, _CHUNK // max(1, c.shape[0] * d))
-    labels, inertia = [], x.new_zeros(())
+    labels, inertia = [x.new_zeros(0, dtype=torch.long)], x.new_zeros(())
     for s in range(0, n, rows):
         xs = x[s : s + rows]
         lab = _labels(xs, c)
@@ -168,21 +185,27 @@ class MiniBatchKMeans:
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
         for name in ("n_clusters", "n_init", "batch_size", "max_iter"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        bad_init = not isinstance(self.init_size, int) or self.init_size < 1
-        if self.init_size is not None and bad_init:
-            raise ValueError(f"init_size must be None or a positive int, got {self.init_size!r}")
-        if self.max_no_improvement is not None and self.max_no_improvement < 0:
-            raise ValueError(
-                f"max_no_improvement must be None or >= 0, got {self.max_no_improvement}"
-            )
-        if not 0 <= self.reassignment_ratio:
-            raise ValueError(f"reassignment_ratio must be >= 0, got {self.reassignment_ratio}")
-        if not 0 <= self.tol:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        for name in ("init_size", "sync_every"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+        v = self.max_no_improvement
+        if v is not None and (not is_int(v) or v < 0):
+            raise ValueError(f"max_no_improvement must be None or an int >= 0, got {v!r}")
+        for name in ("reassignment_ratio", "tol"):
+            v = getattr(self, name)
+            if not is_real(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
     def _check_X(self, X) -> torch.Tensor:
         if isinstance(X, np.ndarray):
@@ -212,11 +235,11 @@ class MiniBatchKMeans:
     def _fit(self, X: torch.Tensor) -> MiniBatchKMeans:
         """:meth:`fit` on valid input: finite, contiguous float32/float64 X with n ≥ k rows."""
         n, d = X.shape
-        k = self.n_clusters
+        k = int(self.n_clusters)
         dev = X.device
         g = as_generator(self.random_state, dev)
-        batch = min(self.batch_size, n)
-        init_size = self.init_size if self.init_size is not None else 3 * batch
+        batch = min(int(self.batch_size), n)
+        init_size = int(self.init_size) if self.init_size is not None else 3 * batch
         if init_size < k:
             init_size = 3 * k
         init_size = min(init_size, n)
@@ -224,10 +247,10 @@ class MiniBatchKMeans:
         # Initialisation: validation subsample, then n_init k-means++ candidates at once.
         valid = X[torch.randint(0, n, (init_size,), generator=g, device=dev)]
         if init_size < n:
-            sub = torch.randint(0, n, (self.n_init, init_size), generator=g, device=dev)
+            sub = torch.randint(0, n, (int(self.n_init), init_size), generator=g, device=dev)
             xs = X[sub]
         else:
-            xs = X.unsqueeze(0).expand(self.n_init, n, d)
+            xs = X.unsqueeze(0).expand(int(self.n_init), n, d)
         cands = _kmeans_plusplus(xs, k, g)  # (n_init, k, d)
         cand_inertia = torch.stack([_labels_inertia(valid, c)[1] for c in cands])
         centres = cands[cand_inertia.argmin()].clone()  # ties keep the first candidate
@@ -248,8 +271,8 @@ class MiniBatchKMeans:
     def _run(self, X, centres, g, batch, tol):
         """The mini-batch loop; returns the final centres and the number of steps taken."""
         n = X.shape[0]
-        budget = (self.max_iter * n) // batch
-        sync_every = self.sync_every or (1 if X.device.type == "cpu" else 16)
+        budget = (int(self.max_iter) * n) // batch
+        sync_every = int(self.sync_every or (1 if X.device.type == "cpu" else 16))
         state = _LoopState(self, n, batch, tol)
         if sync_every == 1:
             return self._run_host(X, centres, g, batch, budget, state)
@@ -262,7 +285,7 @@ class MiniBatchKMeans:
         ``c + (Σx - m·c) / (w + m)`` equals ``(w·c + Σx) / (w + m)`` and leaves empty centres as
         they are.
         """
-        n, k, d, dev, dt = X.shape[0], self.n_clusters, X.shape[1], X.device, X.dtype
+        n, k, d, dev, dt = X.shape[0], int(self.n_clusters), X.shape[1], X.device, X.dtype
         X1 = torch.cat([X, X.new_ones(n, 1)], 1)
         counts = torch.zeros(k, device=dev, dtype=dt)
         acc = torch.empty(k, d + 1, device=dev, dtype=dt)
@@ -313,7 +336,7 @@ class MiniBatchKMeans:
 
     def _run_device(self, X, centres, g, batch, budget, st, sync_every, indices=None):
         """Step loop with every decision on the device (masks); the host looks every few steps."""
-        n, k, dev, dt = X.shape[0], self.n_clusters, X.device, X.dtype
+        n, k, dev, dt = X.shape[0], int(self.n_clusters), X.device, X.dtype
         counts = torch.zeros(k, device=dev, dtype=dt)
         ewa = torch.zeros((), device=dev, dtype=dt)
         ewa_min = torch.full((), math.inf, device=dev, dtype=dt)
@@ -338,7 +361,7 @@ class MiniBatchKMeans:
                     labels = _labels(xb, centres)
                     batch_inertia = (xb - centres[labels]).square().sum()
                     m = torch.bincount(labels, minlength=k).to(dt)
-                    sums = torch.zeros_like(centres).index_add_(0, labels, xb)
+                    sums = _cluster_sums(labels, xb, k)
                     new_counts = counts + m
                     upd = (centres * counts[:, None] + sums) / new_counts.clamp(min=1e-30)[:, None]
                     new_centres = torch.where((m > 0)[:, None], upd, centres)

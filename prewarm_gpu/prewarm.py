@@ -29,7 +29,7 @@ from ._random import as_generator
 from .kmeans import MiniBatchKMeans
 
 __all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "find_conv", "distance_weights",
-           "extract_patches", "weight_and_normalise"]
+           "extract_patches", "weight_and_normalise", "centre_crop"]
 
 
 @dataclass
@@ -75,9 +75,9 @@ def extract_patches(images: torch.Tensor, patch_size: int | tuple[int, int], n_p
     Positions are uniform over every valid top-left corner (as Listing 1's ``random.randint``),
     drawn on the images' device; image-major order, as Listing 1. Not mean-centred.
     """
-    kh, kw = rules._pair(patch_size)
+    kh, kw = rules._pair(patch_size, "patch_size")
     g = as_generator(generator, images.device)
-    return rules.random_patches(images, kh, kw, n_patches, g, rules._pair(dilation))
+    return rules.random_patches(images, kh, kw, n_patches, g, rules._pair(dilation, "dilation"))
 
 
 def weight_and_normalise(centroids: torch.Tensor, patch_size: int | tuple[int, int],
@@ -91,6 +91,21 @@ def weight_and_normalise(centroids: torch.Tensor, patch_size: int | tuple[int, i
     c = centroids.reshape(-1, in_channels, kh, kw) * w
     c = c.reshape(centroids.shape)
     return c / (c.std(unbiased=False) + 1e-8) * scale
+
+
+def centre_crop(centroids: torch.Tensor, in_channels: int, patch_size: int | tuple[int, int],
+                kernel_size: int | tuple[int, int]) -> torch.Tensor:
+    """Crop flattened (C, P_h, P_w) centroids to the kernel, around the patch centre (§4.3).
+
+    The window keeps the patch's centre pixel ``(P_h//2, P_w//2)`` at the kernel's centre
+    ``(K_h//2, K_w//2)``, where step 4's weight is 1. Returns (k, C·K_h·K_w).
+    """
+    (ph, pw), (kh, kw) = rules._pair(patch_size), rules._pair(kernel_size)
+    if (ph, pw) == (kh, kw):
+        return centroids
+    top, left = ph // 2 - kh // 2, pw // 2 - kw // 2
+    c = centroids.reshape(-1, in_channels, ph, pw)[:, :, top : top + kh, left : left + kw]
+    return c.reshape(c.shape[0], -1)
 
 
 def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = None):
@@ -110,6 +125,9 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.in_channels == in_channels:
             return name, m
+        if isinstance(m, nn.Conv2d) and isinstance(m.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"conv {name!r} is a lazy conv whose weight is not initialised yet; "
+                             "run one forward pass before Pre-Warm")
     raise ValueError(
         f"model has no nn.Conv2d with in_channels={in_channels} (the images' channels); "
         "pass layer='name' to choose one"
@@ -117,6 +135,23 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
 
 
 # --------------------------------------------------------------------------- validation
+def _check_target(conv: nn.Conv2d, name: str) -> None:
+    """The conv's weight must be a materialised, writable parameter of its own."""
+    label = f"conv {name!r}" if name else "the conv"
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{label} is a lazy conv whose weight is not initialised yet; "
+                         "run one forward pass before Pre-Warm")
+    if not isinstance(conv._parameters.get("weight"), nn.Parameter):
+        raise ValueError(
+            f"{label} computes its weight from other parameters (torch.nn.utils.parametrize, "
+            "weight_norm or spectral_norm), so a write to it would be lost; apply Pre-Warm "
+            "before adding the parametrization"
+        )
+    if conv.weight.is_inference():
+        raise ValueError(f"{label}'s weight was created under torch.inference_mode() and cannot "
+                         "be written outside it; build the model outside inference mode")
+
+
 def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Tensor:
     """Checks of a 4-D image tensor against the target conv; returns it as float (≥ float32)."""
     if images.shape[0] < 1:
@@ -143,9 +178,9 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
     return x
 
 
-def _in_unit_range(x: torch.Tensor) -> bool:
+def _value_range(x: torch.Tensor) -> tuple[float, float]:
     lo, hi = torch.aminmax(x)
-    return float(lo) >= 0 and float(hi) <= 1
+    return float(lo), float(hi)
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -213,9 +248,10 @@ def prewarm_(
         n_patches: patches per image, or ``"auto"`` (eq. 5 / eq. 6 on ``raw_images``).
         scale: σ, or ``"auto"``.
         patch_size: defaults to the kernel size; larger patches are clustered and their centroids
-            centre-cropped to the kernel (§4.3), smaller ones are an error.
-        raw_images: raw [0, 1] pixels for the rules (default ``images``; a warning is given when
-            they look standardised).
+            centre-cropped to the kernel (§4.3) before steps 4-5, so the written filters still
+            have std σ; smaller ones are an error.
+        raw_images: raw [0, 1] pixels for the rules (default ``images``); used only when
+            ``n_patches="auto"``, with a warning when the values leave [0, 1].
         generator: ``None``, an ``int`` seed or a ``torch.Generator`` on the images' device.
 
     Returns:
@@ -240,17 +276,21 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     if images.ndim != 4:
         raise ValueError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
     name, conv = find_conv(model, images.shape[1], layer)
+    _check_target(conv, name)
     x = _check_images(images, conv, name)
     B, C, H, W = x.shape
     F = conv.out_channels
     kernel = tuple(conv.kernel_size)
-    patch = kernel if patch_size is None else rules._pair(patch_size)
+    patch = kernel if patch_size is None else rules._pair(patch_size, "patch_size")
     if patch[0] < kernel[0] or patch[1] < kernel[1]:
         raise ValueError(f"patch_size {patch} is smaller than the kernel {kernel}")
     dil = tuple(conv.dilation)
     span = ((patch[0] - 1) * dil[0] + 1, (patch[1] - 1) * dil[1] + 1)
     if H < span[0] or W < span[1]:
         raise ValueError(f"images of {H}×{W} are smaller than the {span[0]}×{span[1]} patch")
+    if C * patch[0] * patch[1] == 1:
+        raise ValueError("a 1×1 patch of one channel is 0 after mean-centring, so Pre-Warm's "
+                         "centroids would all be 0; it needs C·K_h·K_w > 1")
     k = F // 2 if n_clusters is None else _int_option("n_clusters", n_clusters, 1, F)
     if k < 1:
         raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
@@ -258,18 +298,23 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
 
     # Rules (Table 2) on the raw pixels.
     rule, stat, tau = "given", None, None
+    if raw_images is not None and not isinstance(raw_images, torch.Tensor):
+        raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
     if n_patches == "auto":
         raw = images if raw_images is None else raw_images
-        if not isinstance(raw, torch.Tensor) or raw.ndim != 4 or raw.shape[1] != C:
-            raise ValueError(f"raw_images must be a (N, {C}, H, W) tensor, got "
-                             f"{getattr(raw, 'shape', type(raw).__name__)}")
+        if raw.ndim != 4 or raw.shape[1] != C or raw.numel() == 0:
+            raise ValueError(f"raw_images must be a non-empty (N, {C}, H, W) tensor, got shape "
+                             f"{tuple(raw.shape)}")
         raw = rules.to_float(raw.to(x.device))
         if not rules.all_finite(raw):
             raise ValueError("raw_images contain NaN or Inf")
-        if raw_images is None and not _in_unit_range(raw):
+        lo, hi = _value_range(raw)
+        if lo < 0 or hi > 1:
+            what = "`images`" if raw_images is None else "raw_images"
             warnings.warn(
-                "n_patches='auto' is computing the paper's rules on `images`, which look "
-                "standardised (values outside [0, 1]); pass raw_images= with raw [0, 1] pixels",
+                f"n_patches='auto' computes the paper's rules on {what}, whose values lie in "
+                f"[{lo:.3g}, {hi:.3g}]: not raw [0, 1] pixels (standardised? 0-255?); pass "
+                "raw_images= with raw [0, 1] pixels",
                 stacklevel=3,  # the caller of prewarm_
             )
         P, rule, stat, tau = _auto_n_patches(raw, F, patch, g)
@@ -291,11 +336,17 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         raise ValueError(f"scale must be a number or 'auto', got {scale!r}")
 
     centroids, km = _cluster(x, patch, dil, P, k, g)
-    filters = weight_and_normalise(centroids, patch, C, sigma).reshape(k, C, *patch)
-    if patch != kernel:  # §4.3: centre-crop larger patches to the filter
-        top, left = (patch[0] - kernel[0]) // 2, (patch[1] - kernel[1]) // 2
-        filters = filters[:, :, top : top + kernel[0], left : left + kernel[1]]
-    conv.weight[:k].copy_(filters.to(conv.weight.dtype))  # under prewarm_'s no_grad
+    centroids = centre_crop(centroids, C, patch, kernel)
+    filters = weight_and_normalise(centroids, kernel, C, sigma).reshape(k, C, *kernel)
+    filters = filters.to(conv.weight.dtype)
+    c_max, f_max = torch.stack([centroids.abs().amax(), filters.abs().amax().to(x.dtype)]).tolist()
+    if c_max == 0:
+        raise ValueError("every sampled patch is constant (0 after mean-centring), so every "
+                         "centroid is 0; Pre-Warm needs images with local contrast")
+    if not (0 < f_max < math.inf):
+        raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights "
+                         f"(the largest filter value would be {f_max:g})")
+    conv.weight[:k].copy_(filters)  # under prewarm_'s no_grad
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return PrewarmReport(
@@ -319,9 +370,13 @@ def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: i
     """The paper's Listing 1 signature, backed by :func:`prewarm_`; returns ``model``.
 
     Targets ``model.conv1`` as Listing 1 does (or the first matching conv if there is none), with
-    the paper's explicit defaults. Unlike Listing 1 it does not reseed the global RNGs.
+    the paper's explicit defaults; as Listing 1, at most ``conv1.out_channels`` clusters are
+    written. Unlike Listing 1 it does not reseed the global RNGs.
     """
-    layer = "conv1" if isinstance(getattr(model, "conv1", None), nn.Conv2d) else None
+    conv1 = getattr(model, "conv1", None)
+    layer = "conv1" if isinstance(conv1, nn.Conv2d) else None
+    if layer and isinstance(n_clusters, numbers.Integral) and not isinstance(n_clusters, bool):
+        n_clusters = min(int(n_clusters), conv1.out_channels)
     prewarm_(model, batch_images, layer=layer, n_clusters=n_clusters, n_patches=n_patches,
              scale=scale, patch_size=patch_size, generator=seed)
     return model

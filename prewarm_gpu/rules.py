@@ -16,6 +16,7 @@ bound on σ    sqrt(2 / (C·K_h·K_w))  (Kaiming parity, §4.4)
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -169,13 +170,21 @@ def _all_patches(images: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _pair(k) -> tuple[int, int]:
-    if isinstance(k, int):
-        return (k, k)
-    k = tuple(k)
-    if len(k) != 2:
-        raise ValueError(f"kernel/patch size must be an int or a pair, got {k}")
-    return (int(k[0]), int(k[1]))
+def _pair(k, name: str = "kernel/patch size") -> tuple[int, int]:
+    """An int or a pair of ints (each >= 1) as ``(K_h, K_w)``; numpy integers are accepted."""
+
+    def ok(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if ok(k):
+        pair = (int(k), int(k))
+    elif isinstance(k, (tuple, list)) and len(k) == 2 and all(ok(v) for v in k):
+        pair = (int(k[0]), int(k[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {k!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be >= 1, got {k!r}")
+    return pair
 
 
 def mean_patch_norm(
@@ -194,7 +203,7 @@ def mean_patch_norm(
             datasets); an int samples that many random positions per image.
         generator: randomness for ``n_patches``.
     """
-    kh, kw = _pair(patch_size)
+    kh, kw = _pair(patch_size, "patch_size")
     chunks = _chunks(x)
     g = None
     total, count = 0.0, 0

@@ -160,3 +160,43 @@ def test_direct_difference_branch_agrees_with_cpu_expression():
                                _sq_dists(c, x),
                                rtol=1e-4, atol=1e-4)
     assert torch.equal(_labels(x[0], c[0]), _sq_dists(x[0], c[0]).argmin(1))
+
+
+def test_cluster_sums_one_hot_product_matches_index_add():
+    # The CUDA branch (float64 one-hot product: deterministic, unlike atomics) checked on the CPU.
+    from prewarm_gpu.kmeans import _cluster_sums
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 27, generator=gen)
+    labels = torch.randint(0, 16, (1024,), generator=gen)
+    labels[labels == 5] = 6  # an empty cluster sums to 0
+    a = _cluster_sums(labels, x, 16, by_product=False)
+    b = _cluster_sums(labels, x, 16, by_product=True)
+    assert b.dtype == x.dtype and not b[5].any()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    exact = torch.stack([x[labels == j].double().sum(0) for j in range(16)]).float()
+    torch.testing.assert_close(b, exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sync_every": -1}, "sync_every"),
+        ({"sync_every": 2.5}, "sync_every"),
+        ({"max_no_improvement": "a"}, "max_no_improvement"),
+        ({"reassignment_ratio": "x"}, "reassignment_ratio"),
+        ({"tol": float("nan")}, "tol"),
+        ({"init_size": 0}, "init_size"),
+    ],
+)
+def test_bad_parameters_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MiniBatchKMeans(3, **kwargs).fit(torch.randn(500, 4))
+
+
+def test_numpy_int_parameters_and_empty_predict():
+    X = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    a = MiniBatchKMeans(np.int64(3), n_init=np.int64(2), random_state=0).fit(X)
+    b = MiniBatchKMeans(3, n_init=2, random_state=0).fit(X)
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.predict(torch.empty(0, 4)).shape == (0,)

@@ -113,6 +113,62 @@ def test_larger_patch_is_centre_cropped():
     assert r.patch_size == (5, 5) and net.conv1.weight.shape[-2:] == (3, 3)
 
 
+def test_larger_patch_cropped_around_its_centre_and_normalised_after():
+    # §4.3: a centroid cropped to the kernel keeps the patch centre at the kernel centre; steps
+    # 4-5 run on the cropped filter, so its std is σ and the Kaiming cap still holds.
+    from prewarm_gpu.prewarm import centre_crop
+
+    c = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(1, -1)  # C=2, patch 4×6
+    crop = centre_crop(c, 2, (4, 6), 3).reshape(2, 3, 3)
+    full = c.reshape(2, 4, 6)
+    assert torch.equal(crop[:, 1, 1], full[:, 2, 3])  # kernel centre = patch centre (2, 3)
+    assert torch.equal(crop, full[:, 1:4, 2:5])
+    x = torch.rand(32, 3, 16, 16, generator=_gen())
+    for patch in (4, 5, 7, (3, 5)):
+        conv = nn.Conv2d(3, 16, 3)
+        r = prewarm_(conv, x, patch_size=patch, n_patches=10, generator=0)
+        assert r.scale == pytest.approx(0.25)
+        assert conv.weight[:8].double().std(unbiased=False).item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_parametrized_lazy_and_inference_convs_are_refused():
+    x = torch.rand(8, 3, 16, 16, generator=_gen())
+    wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 16, 3))
+    legacy = nn.utils.spectral_norm(nn.Conv2d(3, 16, 3))
+    for conv in (wn, legacy):
+        before = _snapshot(conv)
+        with pytest.raises(ValueError, match="parametriz"):
+            prewarm_(conv, x, n_patches=9)
+        for k, v in conv.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    for model in (nn.LazyConv2d(16, 3), nn.Sequential(nn.LazyConv2d(16, 3))):
+        with pytest.raises(ValueError, match="not initialised"):
+            prewarm_(model, x, n_patches=9)
+    with torch.inference_mode():
+        frozen = nn.Conv2d(3, 16, 3)
+    with pytest.raises(ValueError, match="inference_mode"):
+        prewarm_(frozen, x, n_patches=9)
+
+
+def test_one_by_one_grey_kernel_is_refused():
+    with pytest.raises(ValueError, match="1×1"):
+        prewarm_(nn.Conv2d(1, 8, 1), torch.rand(4, 1, 8, 8), n_patches=9)
+    r = prewarm_(nn.Conv2d(3, 8, 1), torch.rand(4, 3, 8, 8, generator=_gen()), n_patches=9)
+    assert r.patch_size == (1, 1)  # three channels: a 1×1 patch still has 3 values
+
+
+def test_raw_images_outside_unit_range_warn():
+    x = torch.rand(16, 1, 12, 12, generator=_gen())
+    with pytest.warns(UserWarning, match=r"raw_images, whose values lie in \[0, 255\]"):
+        prewarm_(Net(), x, raw_images=(x * 255).round(), generator=0)
+
+
+def test_conditioned_init_clamps_clusters_like_listing_1(digits_images):
+    net = Net(f=8)
+    conditioned_init(net, digits_images[:64], n_clusters=16, n_patches=9)
+    assert net.conv1.weight.std(unbiased=False).item() == pytest.approx(0.2, rel=1e-5)
+
+
 def test_standardised_images_warn_without_raw(digits_images):
     x = (digits_images[:64] - 0.3) / 0.4
     with pytest.warns(UserWarning, match="raw_images"):
@@ -153,6 +209,24 @@ def _bad_cases():
         ("bad generator", lambda m: prewarm_(m, x, n_patches=9, generator="x"), TypeError,
          "generator"),
         ("list images", lambda m: prewarm_(m, x.tolist()), TypeError, "Tensor"),
+        ("patch float", lambda m: prewarm_(m, x, n_patches=9, patch_size=3.0), TypeError,
+         "patch_size"),
+        ("patch str", lambda m: prewarm_(m, x, n_patches=9, patch_size="35"), TypeError,
+         "patch_size"),
+        ("patch 0", lambda m: prewarm_(m, x, n_patches=9, patch_size=(3, 0)), ValueError,
+         "patch_size"),
+        ("constant given P", lambda m: prewarm_(m, torch.full((4, 1, 8, 8), 0.5), n_patches=9),
+         ValueError, "constant"),
+        ("scale overflow", lambda m: prewarm_(m, x, n_patches=9, scale=1e40), ValueError,
+         "scale"),
+        ("scale underflow", lambda m: prewarm_(m, x, n_patches=9, scale=1e-50), ValueError,
+         "scale"),
+        ("raw empty", lambda m: prewarm_(m, x, raw_images=torch.rand(0, 1, 8, 8)), ValueError,
+         "raw_images"),
+        ("raw not tensor", lambda m: prewarm_(m, x, n_patches=9, raw_images="x"), TypeError,
+         "raw_images"),
+        ("huge seed", lambda m: prewarm_(m, x, n_patches=9, generator=2**64), ValueError,
+         "seed"),
     ]
 
 
