@@ -31,6 +31,12 @@ __all__ = ["MiniBatchKMeans"]
 
 _CHUNK = 1 << 22  # elements of a distance block (n·k·d); bounds temporary memory
 _IDX_BLOCK = 64  # batches of indices drawn at once (both loops draw them the same way)
+_CPU_PATHS = True  # tests set this False to run every accelerator branch on the CPU
+
+
+def _host_paths(device: torch.device) -> bool:
+    """The CPU's branches (expanded distances, index_add, host-decided loop), or the others."""
+    return device.type == "cpu" and _CPU_PATHS
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +56,7 @@ def _pp_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor,
     random anyway) with the squared norms ``x_sq`` (R, m) and ``c_sq`` (R, t) given; elsewhere by
     direct differences.
     """
-    if x.device.type == "cpu":
+    if _host_paths(x.device):
         d = torch.baddbmm(x_sq.unsqueeze(1), c, x.transpose(1, 2), alpha=-2.0)
         return d.add_(c_sq.unsqueeze(-1)).clamp_(min=0)
     return _sq_dists(c, x)
@@ -58,7 +64,7 @@ def _pp_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor,
 
 def _labels(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Nearest centre of each row of x (n, d) among c (k, d); ties go to the lower index."""
-    if x.device.type == "cpu":
+    if _host_paths(x.device):
         # scikit-learn's expression ||c||² - 2 x·c (no TF32 on the CPU).
         scores = torch.addmm(c.square().sum(1), x, c.t(), alpha=-2.0)
         return scores.min(1).indices  # first minimum on ties, as argmin; faster on the CPU
@@ -74,7 +80,7 @@ def _cluster_sums(labels: torch.Tensor, x: torch.Tensor, k: int,
     reduction order, more precise than float32 atomics, and never TF32.
     """
     if by_product is None:
-        by_product = x.device.type != "cpu"
+        by_product = not _host_paths(x.device)
     if not by_product:
         return x.new_zeros(k, x.shape[1]).index_add_(0, labels, x)
     onehot = labels == torch.arange(k, device=x.device).unsqueeze(1)  # (k, n)
@@ -272,7 +278,7 @@ class MiniBatchKMeans:
         """The mini-batch loop; returns the final centres and the number of steps taken."""
         n = X.shape[0]
         budget = (int(self.max_iter) * n) // batch
-        sync_every = int(self.sync_every or (1 if X.device.type == "cpu" else 16))
+        sync_every = int(self.sync_every or (1 if _host_paths(X.device) else 16))
         state = _LoopState(self, n, batch, tol)
         if sync_every == 1:
             return self._run_host(X, centres, g, batch, budget, state)

@@ -200,3 +200,24 @@ def test_numpy_int_parameters_and_empty_predict():
     b = MiniBatchKMeans(3, n_init=2, random_state=0).fit(X)
     assert torch.equal(a.cluster_centers_, b.cluster_centers_)
     assert a.predict(torch.empty(0, 4)).shape == (0,)
+
+
+def test_accelerator_branches_end_to_end_on_cpu(monkeypatch, digits_images):
+    # Every branch CUDA takes (direct-difference labels and seeding, one-hot cluster sums, the
+    # masked device loop with a host check every 16 steps), run on the CPU: deterministic, and in
+    # distribution with the CPU's own branches (this machine has no GPU; see the gpu tests).
+    from prewarm_gpu import kmeans
+
+    X = _digits_patches(digits_images)
+    host = [MiniBatchKMeans(16, random_state=s).fit(X) for s in range(8)]
+    monkeypatch.setattr(kmeans, "_CPU_PATHS", False)
+    dev = [MiniBatchKMeans(16, random_state=s).fit(X) for s in range(8)]
+    again = MiniBatchKMeans(16, random_state=0).fit(X)
+    assert torch.equal(again.cluster_centers_, dev[0].cluster_centers_)
+    assert again.n_steps_ == dev[0].n_steps_
+    h = np.mean([k.inertia_ for k in host])
+    d = np.mean([k.inertia_ for k in dev])
+    assert abs(d / h - 1) < 0.02, (d, h)
+    for k in dev:
+        assert 2 <= k.n_steps_ <= (100 * X.shape[0]) // 1024
+        assert k.labels_.shape == (X.shape[0],) and k.cluster_centers_.shape == (16, 9)

@@ -366,3 +366,23 @@ def test_images_requiring_grad_and_numpy_scalars(digits_images):
     assert r.n_patches == 10 and r.n_clusters == 8 and x.grad is None
     assert net.conv1.weight.grad_fn is None and net.conv1.weight.requires_grad
     assert net.conv1.weight[:8].std(unbiased=False).item() == pytest.approx(0.3, rel=1e-5)
+
+
+def test_accelerator_branches_whole_pipeline_on_cpu(monkeypatch, digits_images):
+    # prewarm_ with every k-means branch CUDA would take, on the CPU: bit-identical per seed and
+    # close to the CPU branches' filters (the gpu tests repeat this on a real device).
+    from prewarm_gpu import kmeans
+
+    x = digits_images[:256]
+    cpu = Net()
+    rc = prewarm_(cpu, x, generator=3)
+    monkeypatch.setattr(kmeans, "_CPU_PATHS", False)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    ra = prewarm_(a, x, generator=3)
+    prewarm_(b, x, generator=3)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert ra.n_patches == rc.n_patches and abs(ra.inertia / rc.inertia - 1) < 0.05
+    wa = a.conv1.weight[:16].detach().reshape(16, -1).numpy()
+    wc = cpu.conv1.weight[:16].detach().reshape(16, -1).numpy()
+    assert _matched_cosine(wa, wc) >= 0.9
