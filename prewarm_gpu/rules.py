@@ -164,10 +164,31 @@ def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     return flat.take(corner.reshape(-1, 1) + window)
 
 
-def _all_patches(images: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Every patch position via ``unfold``: (B·L, C·kh·kw), flattened (C, kh, kw)."""
-    cols = torch.nn.functional.unfold(images, (kh, kw))  # (B, C·kh·kw, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def _box_sum(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Sum over every kh×kw window of (B, 1, H, W): (B, 1, H - kh + 1, W - kw + 1), by
+    separable shifted adds (kh + kw - 2 adds, no cancellation)."""
+    h, w = x.shape[-2] - kh + 1, x.shape[-1] - kw + 1
+    rows = x[..., :h, :]
+    for i in range(1, kh):
+        rows = rows + x[..., i : i + h, :]
+    out = rows[..., :w]
+    for j in range(1, kw):
+        out = out + rows[..., j : j + w]
+    return out
+
+
+def _window_norms(images: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """``‖p - p̄‖₂`` of the patch at every position, without materialising the patches.
+
+    With n = C·kh·kw values per patch, ``‖p - p̄‖² = Σp² - (Σp)²/n``; both sums are window sums
+    of the channel sums of x and x², in float64 so that the difference keeps its precision.
+    Returns (B, 1, H - kh + 1, W - kw + 1).
+    """
+    x = images.to(torch.float64)
+    n = x.shape[1] * kh * kw
+    s1 = _box_sum(x.sum(1, keepdim=True), kh, kw)
+    s2 = _box_sum(x.square().sum(1, keepdim=True), kh, kw)
+    return (s2 - s1.square() / n).clamp_(min=0).sqrt_()
 
 
 def _pair(k, name: str = "kernel/patch size") -> tuple[int, int]:
@@ -214,14 +235,14 @@ def mean_patch_norm(
         if H < kh or W < kw:
             raise ValueError(f"images of {H}×{W} are smaller than the {kh}×{kw} patch")
         if n_patches is None:
-            p = _all_patches(c, kh, kw)
+            norms = _window_norms(c, kh, kw)
         else:
             if g is None:
                 g = as_generator(generator, c.device)
             p = random_patches(c, kh, kw, n_patches, g)
-        p = p - p.mean(1, keepdim=True)
-        total += float(torch.linalg.vector_norm(p, dim=1).to(torch.float64).sum())
-        count += p.shape[0]
+            norms = torch.linalg.vector_norm(p - p.mean(1, keepdim=True), dim=1)
+        total += float(norms.to(torch.float64).sum())
+        count += norms.numel()
     return total / count
 
 

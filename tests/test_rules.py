@@ -113,3 +113,17 @@ def test_all_finite(dtype):
     x = torch.full((8,), big, dtype=dtype)
     x[0], x[1] = float("inf"), -float("inf")  # inf + -inf: the sum is NaN either way
     assert not rules.all_finite(x)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 3, (3, 5), (7, 7)])
+def test_window_norms_equal_explicit_patches(patch):
+    # The every-position statistic without patches (window sums of Σx and Σx²) equals the norms
+    # of the unfolded, mean-centred patches; exactly 0 for constant patches.
+    kh, kw = rules._pair(patch)
+    x = torch.rand(4, 3, 11, 13, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.37  # a constant image: every patch has norm 0
+    cols = torch.nn.functional.unfold(x.double(), (kh, kw)).transpose(1, 2)
+    want = torch.linalg.vector_norm(cols - cols.mean(-1, keepdim=True), dim=-1)
+    got = rules._window_norms(x, kh, kw).reshape(4, -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert float(got[0].max()) < 1e-7
