@@ -312,14 +312,15 @@ def test_whole_prewarm_matches_reference_on_mnist_like_digits(digits_images):
     """(e) prewarm_ vs reference.conditioned_init on the same batch, filters matched by
     linear_sum_assignment.
 
-    The issue asks for a mean cosine ≥ 0.95. Measured on this batch, the reference against itself
-    (other seeds) gives 0.930-0.962: k-means' solution is not unique, so 0.95 is the noise floor
-    of the gold standard, not a property our code can add. We assert what the reference itself
-    achieves: ours-vs-reference ≥ 0.92 on average over 4 seeds, and no more than 0.02 below the
-    reference-vs-reference agreement.
+    The issue asks for a mean cosine ≥ 0.95. k-means' solution is not unique, so the reference does
+    not reach that against *itself*: over 16 seeds on three 256-image batches of these digits,
+    reference-vs-reference (all pairs) measured 0.930, 0.938 and 0.949, ours-vs-reference 0.934,
+    0.939 and 0.947, ours-vs-ours 0.936, 0.938 and 0.945. 0.95 is the gold standard's own noise
+    floor. We assert what the reference achieves: over all pairs of 5 seeds, ours-vs-reference
+    ≥ 0.92 and no more than 0.01 below reference-vs-reference.
     """
     batch = torch.nn.functional.interpolate(digits_images[:256], size=28, mode="bilinear")
-    seeds = (42, 7, 13, 99)
+    seeds = (42, 7, 13, 99, 2025)
     kw = dict(n_clusters=16, n_patches=58, scale=0.2)  # the paper's MNIST setting
     refs = [_quiet_reference_init(Net(), batch, s, **kw) for s in seeds]
     ours = []
@@ -327,10 +328,10 @@ def test_whole_prewarm_matches_reference_on_mnist_like_digits(digits_images):
         net = Net()
         prewarm_(net, batch, generator=s, **kw)
         ours.append(net.conv1.weight[:16].detach().reshape(16, -1).numpy())
-    ours_vs_ref = np.mean([_matched_cosine(o, r) for o, r in zip(ours, refs, strict=True)])
-    ref_vs_ref = np.mean([_matched_cosine(refs[0], r) for r in refs[1:]])
+    ours_vs_ref = np.mean([_matched_cosine(o, r) for o in ours for r in refs])
+    ref_vs_ref = np.mean([_matched_cosine(a, b) for i, a in enumerate(refs) for b in refs[i + 1:]])
     assert ours_vs_ref >= 0.92, (ours_vs_ref, ref_vs_ref)
-    assert ours_vs_ref >= ref_vs_ref - 0.02, (ours_vs_ref, ref_vs_ref)
+    assert ours_vs_ref >= ref_vs_ref - 0.01, (ours_vs_ref, ref_vs_ref)
 
 
 # ----------------------------------------------------------------- CUDA
