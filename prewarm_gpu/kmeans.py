@@ -294,7 +294,6 @@ class MiniBatchKMeans:
         n, k, d, dev, dt = X.shape[0], int(self.n_clusters), X.shape[1], X.device, X.dtype
         X1 = torch.cat([X, X.new_ones(n, 1)], 1)
         counts = torch.zeros(k, device=dev, dtype=dt)
-        acc = torch.empty(k, d + 1, device=dev, dtype=dt)
         since = 0
         step = 0
         while step < budget:
@@ -305,7 +304,7 @@ class MiniBatchKMeans:
                 labels = _labels(xb, centres)
                 batch_inertia = float(torch.nn.functional.mse_loss(
                     xb, centres.index_select(0, labels), reduction="sum"))
-                acc.zero_().index_add_(0, labels, xb1)
+                acc = _cluster_sums(labels, xb1, k)  # sums and counts
                 m = acc[:, d]
                 new_counts = counts + m
                 new_centres = torch.addcdiv(

@@ -126,8 +126,11 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
         if isinstance(m, nn.Conv2d) and m.in_channels == in_channels:
             return name, m
         if isinstance(m, nn.Conv2d) and isinstance(m.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(f"conv {name!r} is a lazy conv whose weight is not initialised yet; "
-                             "run one forward pass before Pre-Warm")
+            raise ValueError(
+                f"conv {name!r} is a lazy conv whose weight is not initialised yet, so its "
+                "in_channels are unknown; run one forward pass before Pre-Warm, or name the "
+                "target with layer="
+            )
     raise ValueError(
         f"model has no nn.Conv2d with in_channels={in_channels} (the images' channels); "
         "pass layer='name' to choose one"
@@ -147,7 +150,7 @@ def _check_target(conv: nn.Conv2d, name: str) -> None:
             "weight_norm or spectral_norm), so a write to it would be lost; apply Pre-Warm "
             "before adding the parametrization"
         )
-    if conv.weight.is_inference():
+    if conv.weight.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{label}'s weight was created under torch.inference_mode() and cannot "
                          "be written outside it; build the model outside inference mode")
 
@@ -202,12 +205,17 @@ def _auto_n_patches(raw: torch.Tensor, n_filters: int, patch: tuple[int, int], g
                 f"foreground density d = 0 (no pixel above Otsu's τ* = {tau:.4f}); "
                 "eq. 5 is undefined: pass n_patches explicitly"
             )
-        return rules.n_patches_grayscale(d, n_filters), "otsu", d, tau
+        P = rules.n_patches_grayscale(d, n_filters)
+        if P < 1:
+            raise ValueError(f"eq. 5 gives n_patches = ⌊({n_filters}/4)/{d:.3g}⌋ = 0 for this "
+                             "conv's filters; pass n_patches explicitly")
+        return P, "otsu", d, tau
     norm = rules.mean_patch_norm(raw, patch)
-    if norm == 0:
-        raise ValueError("mean patch norm is 0 (images are locally constant); "
-                         "eq. 6 is undefined: pass n_patches explicitly")
-    return rules.n_patches_color(norm, n_filters), "patch_norm", norm, None
+    P = rules.n_patches_color(norm, n_filters) if norm > 0 else 0
+    if P < 1:
+        raise ValueError(f"mean patch norm {norm:.3g} gives n_patches = {P} by eq. 6 (the images "
+                         "are locally constant, or nearly); pass n_patches explicitly")
+    return P, "patch_norm", norm, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -263,11 +271,14 @@ def prewarm_(
     """
     with torch.no_grad():  # images may require grad; nothing here is differentiated
         return _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size,
-                        raw_images, generator)
+                        raw_images, generator)[0]
 
 
 def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
-             generator) -> PrewarmReport:
+             generator, listing1=False) -> tuple[PrewarmReport, nn.Module]:
+    """The pipeline; returns (report, model). ``listing1``: as Listing 1, ``n_clusters`` may
+    exceed F; all are clustered and normalised together and the first ``min(n_clusters, F)``
+    are written."""
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -291,7 +302,8 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     if C * patch[0] * patch[1] == 1:
         raise ValueError("a 1×1 patch of one channel is 0 after mean-centring, so Pre-Warm's "
                          "centroids would all be 0; it needs C·K_h·K_w > 1")
-    k = F // 2 if n_clusters is None else _int_option("n_clusters", n_clusters, 1, F)
+    k = F // 2 if n_clusters is None else _int_option(
+        "n_clusters", n_clusters, 1, None if listing1 else F)
     if k < 1:
         raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
     g = as_generator(generator, x.device)
@@ -337,23 +349,27 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
 
     centroids, km = _cluster(x, patch, dil, P, k, g)
     centroids = centre_crop(centroids, C, patch, kernel)
-    filters = weight_and_normalise(centroids, kernel, C, sigma).reshape(k, C, *kernel)
-    filters = filters.to(conv.weight.dtype)
-    c_max, f_max = torch.stack([centroids.abs().amax(), filters.abs().amax().to(x.dtype)]).tolist()
+    # Steps 4-5 in float64 (k filters: free), then one cast to the conv's dtype.
+    filters64 = weight_and_normalise(centroids.to(torch.float64), kernel, C, sigma)
+    filters64 = filters64.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
+    filters = filters64.to(conv.weight.dtype)
+    c_max, want, got = torch.stack([
+        centroids.abs().amax().to(torch.float64), filters64.std(unbiased=False),
+        filters.to(torch.float64).std(unbiased=False)]).tolist()
     if c_max == 0:
-        raise ValueError("every sampled patch is constant (0 after mean-centring), so every "
-                         "centroid is 0; Pre-Warm needs images with local contrast")
-    if not (0 < f_max < math.inf):
-        raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights "
-                         f"(the largest filter value would be {f_max:g})")
-    conv.weight[:k].copy_(filters)  # under prewarm_'s no_grad
+        raise ValueError("every centroid is 0: the sampled patches are constant after "
+                         "mean-centring; Pre-Warm needs images with local contrast")
+    if not (want > 0 and abs(got - want) <= 0.01 * want):  # also catches NaN/Inf
+        raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights: "
+                         f"written, their std would be {got:g} instead of {want:g}")
+    conv.weight[: filters.shape[0]].copy_(filters)  # under prewarm_'s no_grad
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return PrewarmReport(
-        layer=name, n_clusters=k, n_patches=P, patch_size=patch, scale=sigma, rule=rule,
-        statistic=stat, otsu_threshold=tau, scale_rule=scale_rule, inertia=km.inertia_,
+        layer=name, n_clusters=filters.shape[0], n_patches=P, patch_size=patch, scale=sigma,
+        rule=rule, statistic=stat, otsu_threshold=tau, scale_rule=scale_rule, inertia=km.inertia_,
         kmeans_steps=km.n_steps_, seconds=time.perf_counter() - t0,
-    )
+    ), model
 
 
 def _cluster(x, patch, dil, n_patches, k, g):
@@ -370,13 +386,12 @@ def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: i
     """The paper's Listing 1 signature, backed by :func:`prewarm_`; returns ``model``.
 
     Targets ``model.conv1`` as Listing 1 does (or the first matching conv if there is none), with
-    the paper's explicit defaults; as Listing 1, at most ``conv1.out_channels`` clusters are
-    written. Unlike Listing 1 it does not reseed the global RNGs.
+    the paper's explicit defaults. As in Listing 1, ``n_clusters`` may exceed the conv's filters:
+    all are clustered and normalised together, and the first ``out_channels`` are written. Unlike
+    Listing 1 it does not reseed the global RNGs.
     """
-    conv1 = getattr(model, "conv1", None)
-    layer = "conv1" if isinstance(conv1, nn.Conv2d) else None
-    if layer and isinstance(n_clusters, numbers.Integral) and not isinstance(n_clusters, bool):
-        n_clusters = min(int(n_clusters), conv1.out_channels)
-    prewarm_(model, batch_images, layer=layer, n_clusters=n_clusters, n_patches=n_patches,
-             scale=scale, patch_size=patch_size, generator=seed)
+    layer = "conv1" if isinstance(getattr(model, "conv1", None), nn.Conv2d) else None
+    with torch.no_grad():
+        _prewarm(model, batch_images, layer, n_clusters, n_patches, scale, patch_size, None, seed,
+                 listing1=True)
     return model

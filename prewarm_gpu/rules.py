@@ -197,12 +197,17 @@ def _pair(k, name: str = "kernel/patch size") -> tuple[int, int]:
     def ok(v):
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
+    vals = None
     if ok(k):
-        pair = (int(k), int(k))
-    elif isinstance(k, (tuple, list)) and len(k) == 2 and all(ok(v) for v in k):
-        pair = (int(k[0]), int(k[1]))
-    else:
+        vals = [k, k]
+    elif not isinstance(k, (str, bytes, torch.Tensor)):
+        try:
+            vals = list(k)  # tuple, list, range, torch.Size, 1-D numpy array
+        except TypeError:
+            pass
+    if vals is None or len(vals) != 2 or not all(ok(v) for v in vals):
         raise TypeError(f"{name} must be an int or a pair of ints, got {k!r}")
+    pair = (int(vals[0]), int(vals[1]))
     if min(pair) < 1:
         raise ValueError(f"{name} must be >= 1, got {k!r}")
     return pair

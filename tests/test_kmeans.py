@@ -215,9 +215,13 @@ def test_accelerator_branches_end_to_end_on_cpu(monkeypatch, digits_images):
     again = MiniBatchKMeans(16, random_state=0).fit(X)
     assert torch.equal(again.cluster_centers_, dev[0].cluster_centers_)
     assert again.n_steps_ == dev[0].n_steps_
+    # The host-decided loop with the accelerator's cluster sums (sync_every=1 on a GPU).
+    h1 = [MiniBatchKMeans(16, random_state=0, sync_every=1).fit(X) for _ in range(2)]
+    assert torch.equal(h1[0].cluster_centers_, h1[1].cluster_centers_)
     h = np.mean([k.inertia_ for k in host])
     d = np.mean([k.inertia_ for k in dev])
     assert abs(d / h - 1) < 0.02, (d, h)
+    assert abs(h1[0].inertia_ / h - 1) < 0.05, (h1[0].inertia_, h)  # one run, not a mean
     for k in dev:
         assert 2 <= k.n_steps_ <= (100 * X.shape[0]) // 1024
         assert k.labels_.shape == (X.shape[0],) and k.cluster_centers_.shape == (16, 9)

@@ -163,10 +163,54 @@ def test_raw_images_outside_unit_range_warn():
         prewarm_(Net(), x, raw_images=(x * 255).round(), generator=0)
 
 
-def test_conditioned_init_clamps_clusters_like_listing_1(digits_images):
-    net = Net(f=8)
-    conditioned_init(net, digits_images[:64], n_clusters=16, n_patches=9)
-    assert net.conv1.weight.std(unbiased=False).item() == pytest.approx(0.2, rel=1e-5)
+def test_conditioned_init_more_clusters_than_filters_like_listing_1(digits_images):
+    # Listing 1 clusters and normalises all n_clusters, then copies the first out_channels: the
+    # same as the first 8 of 16 filters written into a wider conv from the same seed.
+    x = digits_images[:64]
+    narrow, wide = Net(f=8), Net(f=32)
+    conditioned_init(narrow, x, n_clusters=16, n_patches=9)
+    prewarm_(wide, x, n_clusters=16, n_patches=9, scale=0.2, patch_size=3, generator=42)
+    assert torch.equal(narrow.conv1.weight, wide.conv1.weight[:8])
+    with pytest.raises(ValueError, match="fewer than n_clusters"):  # as Listing 1's k-means
+        conditioned_init(Net(f=8), x[:1], n_clusters=16, n_patches=10)
+
+
+def test_dtype_of_the_conv_bounds_the_scale():
+    x = torch.rand(8, 3, 12, 12, generator=_gen())
+    half = nn.Conv2d(3, 16, 3).half()
+    with pytest.raises(ValueError, match="does not fit"):  # fp16 flushes most weights to 0
+        prewarm_(half, x, n_patches=9, scale=1e-7)
+    r = prewarm_(half, x, n_patches=9, scale=1e-3, generator=0)
+    assert half.weight[:8].float().std(unbiased=False).item() == pytest.approx(1e-3, rel=1e-2)
+    wide = nn.Conv2d(3, 16, 3).double()  # float32 images, float64 weights: 1e-50 fits
+    prewarm_(wide, x, n_patches=9, scale=1e-50, generator=0)
+    assert wide.weight[:8].std(unbiased=False).item() == pytest.approx(1e-50, rel=1e-6)
+    assert r.scale == 1e-3
+
+
+def test_inside_inference_mode_the_write_is_allowed():
+    x = torch.rand(8, 3, 12, 12, generator=_gen())
+    with torch.inference_mode():
+        conv = nn.Conv2d(3, 16, 3)
+        prewarm_(conv, x, n_patches=9, scale=0.2, generator=0)
+        assert conv.weight[:8].std(unbiased=False).item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_auto_rule_giving_zero_patches_is_named():
+    x = torch.full((8, 3, 12, 12), 0.5)
+    x[:, :, 0, 0] = 0.5001  # nearly constant: the patch norm rounds n_patches down to 0
+    with pytest.raises(ValueError, match="n_patches = 0"):
+        prewarm_(nn.Conv2d(3, 16, 3), x)
+    grey = torch.rand(8, 1, 12, 12, generator=_gen())
+    with pytest.raises(ValueError, match="eq. 5 gives n_patches"):
+        prewarm_(nn.Conv2d(1, 2, 3), grey)  # F = 2: ⌊0.5 / d⌋ = 0 for d > 0.5
+
+
+def test_patch_size_sequences():
+    x = torch.rand(8, 1, 12, 12, generator=_gen())
+    for size in (np.array([5, 5]), range(5, 7), [5, 5], torch.Size([5, 5]), np.int64(5)):
+        r = prewarm_(nn.Conv2d(1, 8, 3), x, n_patches=9, patch_size=size, generator=0)
+        assert r.patch_size == tuple(int(v) for v in (np.broadcast_to(size, 2)))
 
 
 def test_standardised_images_warn_without_raw(digits_images):
