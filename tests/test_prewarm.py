@@ -178,8 +178,9 @@ def test_conditioned_init_more_clusters_than_filters_like_listing_1(digits_image
 def test_dtype_of_the_conv_bounds_the_scale():
     x = torch.rand(8, 3, 12, 12, generator=_gen())
     half = nn.Conv2d(3, 16, 3).half()
-    with pytest.raises(ValueError, match="does not fit"):  # fp16 flushes most weights to 0
-        prewarm_(half, x, n_patches=9, scale=1e-7)
+    for tiny in (1e-9, 1e-7):  # below fp16's smallest subnormal (6e-8): flushed to 0, or coarse
+        with pytest.raises(ValueError, match="does not fit"):
+            prewarm_(half, x, n_patches=9, scale=tiny, generator=0)
     r = prewarm_(half, x, n_patches=9, scale=1e-3, generator=0)
     assert half.weight[:8].float().std(unbiased=False).item() == pytest.approx(1e-3, rel=1e-2)
     wide = nn.Conv2d(3, 16, 3).double()  # float32 images, float64 weights: 1e-50 fits
