@@ -153,7 +153,8 @@ def test_parametrized_lazy_and_inference_convs_are_refused():
 def test_one_by_one_grey_kernel_is_refused():
     with pytest.raises(ValueError, match="1×1"):
         prewarm_(nn.Conv2d(1, 8, 1), torch.rand(4, 1, 8, 8), n_patches=9)
-    r = prewarm_(nn.Conv2d(3, 8, 1), torch.rand(4, 3, 8, 8, generator=_gen()), n_patches=9)
+    r = prewarm_(nn.Conv2d(3, 8, 1), torch.rand(4, 3, 8, 8, generator=_gen()), n_patches=9,
+                 generator=0)
     assert r.patch_size == (1, 1)  # three channels: a 1×1 patch still has 3 values
 
 
