@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._random import as_generator
-from .rules import all_finite
+from .rules import _is_int, all_finite
 
 __all__ = ["MiniBatchKMeans"]
 
@@ -191,22 +191,19 @@ class MiniBatchKMeans:
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
-        def is_int(v):
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
         def is_real(v):
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("n_clusters", "n_init", "batch_size", "max_iter"):
             v = getattr(self, name)
-            if not is_int(v) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("init_size", "sync_every"):
             v = getattr(self, name)
-            if v is not None and (not is_int(v) or v < 1):
+            if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {v!r}")
         v = self.max_no_improvement
-        if v is not None and (not is_int(v) or v < 0):
+        if v is not None and (not _is_int(v) or v < 0):
             raise ValueError(f"max_no_improvement must be None or an int >= 0, got {v!r}")
         for name in ("reassignment_ratio", "tol"):
             v = getattr(self, name)

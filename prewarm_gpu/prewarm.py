@@ -108,6 +108,22 @@ def centre_crop(centroids: torch.Tensor, in_channels: int, patch_size: int | tup
     return c.reshape(c.shape[0], -1)
 
 
+def _label(name: str) -> str:
+    return f"conv {name!r}" if name else "the conv"
+
+
+def _refuse_lazy(conv: nn.Conv2d, name: str, searching: bool = False) -> None:
+    """A lazy conv before its first forward pass has no weight (nor, when ``searching`` for the
+    target by its in_channels, any in_channels to match)."""
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        why = ", so its in_channels are unknown" if searching else ""
+        raise ValueError(
+            f"{_label(name)} is a lazy conv whose weight is not initialised yet{why}; run one "
+            "forward pass before Pre-Warm" + (", or name the target with layer=" if searching
+                                               else "")
+        )
+
+
 def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = None):
     """(name, conv): the conv named ``layer``, else the first ``nn.Conv2d`` with ``in_channels``."""
     if isinstance(model, nn.Conv2d) and layer is None:
@@ -125,12 +141,8 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.in_channels == in_channels:
             return name, m
-        if isinstance(m, nn.Conv2d) and isinstance(m.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"conv {name!r} is a lazy conv whose weight is not initialised yet, so its "
-                "in_channels are unknown; run one forward pass before Pre-Warm, or name the "
-                "target with layer="
-            )
+        if isinstance(m, nn.Conv2d):
+            _refuse_lazy(m, name, searching=True)
     raise ValueError(
         f"model has no nn.Conv2d with in_channels={in_channels} (the images' channels); "
         "pass layer='name' to choose one"
@@ -140,10 +152,8 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
 # --------------------------------------------------------------------------- validation
 def _check_target(conv: nn.Conv2d, name: str) -> None:
     """The conv's weight must be a materialised, writable parameter of its own."""
-    label = f"conv {name!r}" if name else "the conv"
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{label} is a lazy conv whose weight is not initialised yet; "
-                         "run one forward pass before Pre-Warm")
+    _refuse_lazy(conv, name)
+    label = _label(name)
     if not isinstance(conv._parameters.get("weight"), nn.Parameter):
         raise ValueError(
             f"{label} computes its weight from other parameters (torch.nn.utils.parametrize, "
@@ -162,7 +172,7 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be floating point or uint8, got {images.dtype}")
     C = images.shape[1]
-    label = f"conv {name!r}" if name else "the conv"
+    label = _label(name)
     if C != conv.in_channels:
         raise ValueError(f"images have {C} channels but {label} has in_channels={conv.in_channels}")
     if conv.weight.shape[1] != C:
@@ -187,7 +197,7 @@ def _value_range(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not rules._is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -195,27 +205,29 @@ def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-def _auto_n_patches(raw: torch.Tensor, n_filters: int, patch: tuple[int, int], g):
-    """(n_patches, rule, statistic, τ*) by eq. 5 (one channel) or eq. 6 (several)."""
+def _auto_n_patches(raw: torch.Tensor, value_range: tuple[float, float], n_filters: int,
+                    patch: tuple[int, int]):
+    """(n_patches, rule, statistic, τ*) by eq. 5 (one channel) or eq. 6 (several).
+
+    ``value_range`` is raw's (min, max), already computed by the caller.
+    """
     if raw.shape[1] == 1:
-        tau = rules.otsu_threshold(raw)
+        tau = rules.otsu_threshold(raw, value_range=value_range)
         d = rules.foreground_density(raw, tau)
         if d == 0:
             raise ValueError(
                 f"foreground density d = 0 (no pixel above Otsu's τ* = {tau:.4f}); "
                 "eq. 5 is undefined: pass n_patches explicitly"
             )
-        P = rules.n_patches_grayscale(d, n_filters)
-        if P < 1:
-            raise ValueError(f"eq. 5 gives n_patches = ⌊({n_filters}/4)/{d:.3g}⌋ = 0 for this "
-                             "conv's filters; pass n_patches explicitly")
-        return P, "otsu", d, tau
-    norm = rules.mean_patch_norm(raw, patch)
-    P = rules.n_patches_color(norm, n_filters) if norm > 0 else 0
+        P, rule, stat, eq = rules.n_patches_grayscale(d, n_filters), "otsu", d, "eq. 5"
+    else:
+        tau, norm = None, rules.mean_patch_norm(raw, patch)
+        P = rules.n_patches_color(norm, n_filters) if norm > 0 else 0
+        rule, stat, eq = "patch_norm", norm, "eq. 6"
     if P < 1:
-        raise ValueError(f"mean patch norm {norm:.3g} gives n_patches = {P} by eq. 6 (the images "
-                         "are locally constant, or nearly); pass n_patches explicitly")
-    return P, "patch_norm", norm, None
+        raise ValueError(f"{eq} gives n_patches = {P} for {n_filters} filters and {rule} statistic "
+                         f"{stat:.3g} (nearly constant images?); pass n_patches explicitly")
+    return P, rule, stat, tau
 
 
 # --------------------------------------------------------------------------- public API
@@ -271,12 +283,12 @@ def prewarm_(
     """
     with torch.no_grad():  # images may require grad; nothing here is differentiated
         return _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size,
-                        raw_images, generator)[0]
+                        raw_images, generator)
 
 
 def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
-             generator, listing1=False) -> tuple[PrewarmReport, nn.Module]:
-    """The pipeline; returns (report, model). ``listing1``: as Listing 1, ``n_clusters`` may
+             generator, listing1=False) -> PrewarmReport:
+    """The pipeline. ``listing1``: as Listing 1, ``n_clusters`` may
     exceed F; all are clustered and normalised together and the first ``min(n_clusters, F)``
     are written."""
     t0 = time.perf_counter()
@@ -318,9 +330,9 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
             raise ValueError(f"raw_images must be a non-empty (N, {C}, H, W) tensor, got shape "
                              f"{tuple(raw.shape)}")
         raw = rules.to_float(raw.to(x.device))
-        if not rules.all_finite(raw):
+        lo, hi = _value_range(raw)  # NaN and ±Inf reach the min or the max
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("raw_images contain NaN or Inf")
-        lo, hi = _value_range(raw)
         if lo < 0 or hi > 1:
             what = "`images`" if raw_images is None else "raw_images"
             warnings.warn(
@@ -329,7 +341,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
                 "raw_images= with raw [0, 1] pixels",
                 stacklevel=3,  # the caller of prewarm_
             )
-        P, rule, stat, tau = _auto_n_patches(raw, F, patch, g)
+        P, rule, stat, tau = _auto_n_patches(raw, (lo, hi), F, patch)
     elif isinstance(n_patches, str):
         raise ValueError(f"n_patches must be an int or 'auto', got {n_patches!r}")
     else:
@@ -369,7 +381,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         layer=name, n_clusters=filters.shape[0], n_patches=P, patch_size=patch, scale=sigma,
         rule=rule, statistic=stat, otsu_threshold=tau, scale_rule=scale_rule, inertia=km.inertia_,
         kmeans_steps=km.n_steps_, seconds=time.perf_counter() - t0,
-    ), model
+    )
 
 
 def _cluster(x, patch, dil, n_patches, k, g):

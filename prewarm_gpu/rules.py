@@ -49,6 +49,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
+def _is_int(v) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when every element of a float tensor is finite, in one reduction pass.
 
@@ -193,19 +198,15 @@ def _window_norms(images: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
 
 def _pair(k, name: str = "kernel/patch size") -> tuple[int, int]:
     """An int or a pair of ints (each >= 1) as ``(K_h, K_w)``; numpy integers are accepted."""
-
-    def ok(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
     vals = None
-    if ok(k):
+    if _is_int(k):
         vals = [k, k]
     elif not isinstance(k, (str, bytes, torch.Tensor)):
         try:
             vals = list(k)  # tuple, list, range, torch.Size, 1-D numpy array
         except TypeError:
             pass
-    if vals is None or len(vals) != 2 or not all(ok(v) for v in vals):
+    if vals is None or len(vals) != 2 or not all(_is_int(v) for v in vals):
         raise TypeError(f"{name} must be an int or a pair of ints, got {k!r}")
     pair = (int(vals[0]), int(vals[1]))
     if min(pair) < 1:
