@@ -271,6 +271,10 @@ def _bad_cases():
          "raw_images"),
         ("raw not tensor", lambda m: prewarm_(m, x, n_patches=9, raw_images="x"), TypeError,
          "raw_images"),
+        ("raw nan", lambda m: prewarm_(m, x, raw_images=x.clone().fill_(float("nan"))),
+         ValueError, "raw_images contain NaN"),
+        ("raw inf", lambda m: prewarm_(m, x, raw_images=x.clone().index_fill_(
+            0, torch.tensor([1]), float("inf"))), ValueError, "raw_images contain NaN or Inf"),
         ("huge seed", lambda m: prewarm_(m, x, n_patches=9, generator=2**64), ValueError,
          "seed"),
     ]
