@@ -1,4 +1,4 @@
-"""scikit-learn's MiniBatchKMeans, in batched torch ops on the data's device.
+"""scikit-learn's MiniBatchKMeans, in a few batched torch ops per step on the data's device.
 
 The algorithm is scikit-learn's (``sklearn/cluster/_kmeans.py``, ``MiniBatchKMeans.fit``): a
 validation subsample; ``n_init`` greedy k-means++ candidates, each on its own init subsample, scored
@@ -8,12 +8,21 @@ reassignment of starved centres and early stopping on an exponentially weighted 
 inertia. The random stream is torch's, so runs agree with scikit-learn in distribution, not draw for
 draw; given the same initial centres and batches the centres agree to float rounding.
 
-On CUDA there is no host round-trip per step: early stopping and reassignment are decided on the
-device with masks, and the host looks at the stop flag once every ``sync_every`` steps (steps after
-the stop are no-ops). On the CPU, where a sync costs nothing, the same decisions are taken on the
-host with fewer ops. Labels use ``argmin_j ||c_j||² - 2 x·c_j`` (scikit-learn's own expression) on
-the CPU and direct differences elsewhere (never TF32); inertia always comes from direct
-differences.
+How the loop avoids the host (the GPU's cost at these sizes is launches and syncs, not arithmetic):
+
+- **One step function** (:func:`_step`) for every path: labels by ``argmin_j ‖c_j‖² - 2 x·c_j``
+  (scikit-learn's expression) in float64, so it is exact enough for the batch inertia too and never
+  TF32; per-centre sums and counts accumulated into running sums ``T_j = [w_j c_j, w_j]``, so the
+  update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is one add and one divide; reassignment of starved
+  centres decided with masks.
+- **One stopping rule** (:func:`_stop_rule`): scikit-learn's ``_mini_batch_convergence`` (EWA of the
+  batch inertia, ``max_no_improvement``, ``tol``), vectorised over a chunk of steps' inertias.
+- **Chunks**: batch indices for ``sync_every`` steps are drawn at once from the generator on the
+  device; the steps run without looking at the host; then the rule finds the first step at which
+  scikit-learn would have stopped, and the host reads that one integer (the chunk's only sync). Steps
+  after the stop were computed but are discarded: the state at the stop step is taken from the
+  chunk's history. ``loop="host"`` is the same code with the host looking after every step (no
+  wasted steps; on the CPU a look is free).
 """
 
 from __future__ import annotations
@@ -29,106 +38,220 @@ from .rules import _is_int, all_finite
 
 __all__ = ["MiniBatchKMeans"]
 
-_CHUNK = 1 << 22  # elements of a distance block (n·k·d); bounds temporary memory
-_IDX_BLOCK = 64  # batches of indices drawn at once (both loops draw them the same way)
-_CPU_PATHS = True  # tests set this False to run every accelerator branch on the CPU
-
-
-def _host_paths(device: torch.device) -> bool:
-    """The CPU's branches (expanded distances, index_add, host-decided loop), or the others."""
-    return device.type == "cpu" and _CPU_PATHS
+_CHUNK = 1 << 22  # elements of a label block (rows · (k + d + 1)); bounds temporary memory
+_LOOPS = ("auto", "host", "device")
+_F64 = torch.float64
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _F64 if dtype == _F64 else torch.float32
 
 
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared distances by direct differences: x (..., n, d), c (..., k, d) → (..., n, k)."""
-    return (x.unsqueeze(-2) - c.unsqueeze(-3)).square().sum(-1)
+def _resolve_loop(loop: str, device: torch.device) -> str:
+    """``"auto"``: the host loop on the CPU (a look costs nothing there), the device loop elsewhere."""
+    if loop == "auto":
+        return "host" if device.type == "cpu" else "device"
+    return loop
 
 
-def _pp_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor,
-              c_sq: torch.Tensor) -> torch.Tensor:
-    """Squared distances for k-means++ seeding: c (R, t, d) to x (R, m, d) → (R, t, m).
+# --------------------------------------------------------------------------- distances
+def _scores(a: torch.Tensor, b: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """``‖c‖² - 2 x·c`` between points and centres, one of ``a``/``b`` holding ``[x, 1]`` and the
+    other ``[c, 1]`` (transposed as the product needs), ``sq = ‖[c, 1]‖²`` broadcast to the result.
 
-    On the CPU by scikit-learn's expansion ``||x||² - 2 c·x + ||c||²`` (clamped at 0; seeding is
-    random anyway) with the squared norms ``x_sq`` (R, m) and ``c_sq`` (R, t) given; elsewhere by
-    direct differences.
+    Both carry a constant 1 in the extra coordinate: it adds -1 to every score (argmin unchanged)
+    and ``‖[x, 1]‖² + score = ‖x - c‖²`` still holds.
     """
-    if _host_paths(x.device):
-        d = torch.baddbmm(x_sq.unsqueeze(1), c, x.transpose(1, 2), alpha=-2.0)
-        return d.add_(c_sq.unsqueeze(-1)).clamp_(min=0)
-    return _sq_dists(c, x)
+    return torch.addmm(sq, a, b, alpha=-2.0)
 
 
-def _labels(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Nearest centre of each row of x (n, d) among c (k, d); ties go to the lower index."""
-    if _host_paths(x.device):
-        # scikit-learn's expression ||c||² - 2 x·c (no TF32 on the CPU).
-        scores = torch.addmm(c.square().sum(1), x, c.t(), alpha=-2.0)
-        return scores.min(1).indices  # first minimum on ties, as argmin; faster on the CPU
-    return _sq_dists(x, c).argmin(1)
-
-
-def _cluster_sums(labels: torch.Tensor, x: torch.Tensor, k: int,
-                  by_product: bool | None = None) -> torch.Tensor:
-    """Per-cluster sums of the rows of x (n, d) → (k, d), with the same bits on every run.
-
-    ``index_add_`` is deterministic on the CPU; on CUDA it adds with atomics, whose order (and so
-    rounding) varies between runs. There the sums are a float64 one-hot product instead: a fixed
-    reduction order, more precise than float32 atomics, and never TF32.
-    """
-    if by_product is None:
-        by_product = not _host_paths(x.device)
-    if not by_product:
-        return x.new_zeros(k, x.shape[1]).index_add_(0, labels, x)
-    onehot = labels == torch.arange(k, device=x.device).unsqueeze(1)  # (k, n)
-    return (onehot.to(torch.float64) @ x.to(torch.float64)).to(x.dtype)
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``[x, 1]`` in float64: (..., n, d) → (..., n, d + 1)."""
+    out = x.new_ones(*x.shape[:-1], x.shape[-1] + 1, dtype=_F64)
+    out[..., :-1] = x
+    return out
 
 
 def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and inertia ``Σ ||x - c_label||²`` (from direct differences), chunked over rows."""
-    n, d = x.shape
-    rows = max(1, _CHUNK // max(1, c.shape[0] * d))
-    labels, inertia = [x.new_zeros(0, dtype=torch.long)], x.new_zeros(())
+    """Labels of the rows of x (..., n, d) among centres c (..., k, d), and the inertia
+    ``Σ ‖x - c_label‖²`` (per leading index).
+
+    In float64 by the expansion (its cancellation costs a few of float64's 16 digits, not float32's
+    7), in row blocks of bounded size. The inertia is a float64 tensor: reading it is the sync.
+    """
+    n, d = x.shape[-2:]
+    k = c.shape[-2]
+    c1t = _augment(c).transpose(-1, -2)
+    c_sq = (c1t * c1t).sum(-2, keepdim=True)
+    rows = max(1, _CHUNK // (k + d + 1))
+    labels, inertia = [], 0.0
     for s in range(0, n, rows):
-        xs = x[s : s + rows]
-        lab = _labels(xs, c)
+        x1 = _augment(x[..., s : s + rows, :])
+        mins, lab = torch.baddbmm(c_sq, x1, c1t, alpha=-2.0).min(-1) if x.ndim == 3 else \
+            _scores(x1, c1t, c_sq).min(-1)  # (n, k) scores
         labels.append(lab)
-        inertia = inertia + (xs - c[lab]).square().sum()
-    return torch.cat(labels), inertia
+        inertia = inertia + (mins.sum(-1) + (x1 * x1).sum((-1, -2)))
+    if not labels:
+        return x.new_zeros(0, dtype=torch.long), x.new_zeros((), dtype=_F64)
+    return torch.cat(labels, -1), inertia.clamp(min=0)
 
 
 def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ on R subsamples at once: xs (R, m, d) → centres (R, k, d).
+    """Greedy k-means++ on R subsamples at once: xs (R, m, d) → centres (R, k, d), float64.
 
     scikit-learn's ``_kmeans_plusplus``: first centre uniform; each next centre is the best of
     ``2 + int(ln k)`` candidates drawn ∝ D², the one that lowers the total potential most. Points
     are addressed by flat indices into the (R·m, d) stack, and every uniform draw is made up front.
+    Distances by the float64 expansion in one product: ``[c, ‖c‖², 1] · [-2x, 1, ‖x‖²]``.
     """
     R, m, d = xs.shape
     dev = xs.device
     trials = 2 + int(math.log(k))
-    flat = xs.reshape(R * m, d)
-    x_sq = xs.square().sum(-1)  # (R, m)
-    x_sq_flat = x_sq.reshape(-1)
+    xs = xs.to(_F64)
+    x_sq = (xs * xs).sum(-1, keepdim=True)  # (R, m, 1)
+    ones = torch.ones_like(x_sq)
+    rows = torch.cat([xs, x_sq, ones], -1).view(R * m, d + 2)  # a point as a centre
+    cols = torch.cat([-2 * xs, ones, x_sq], -1).transpose(1, 2).contiguous()  # (R, d+2, m)
     offset = torch.arange(R, device=dev).unsqueeze(1) * m  # flat index of each subsample's row 0
-    chosen = torch.randint(0, m, (R, 1), generator=g, device=dev) + offset  # (R, 1)
-    u = torch.rand(k - 1, R, trials, generator=g, device=dev, dtype=torch.float64)
-    first = flat.index_select(0, chosen.reshape(-1)).view(R, 1, d)
-    closest = _pp_dists(xs, x_sq, first, x_sq_flat[chosen]).squeeze(1)  # (R, m): D² so far
-    pot = closest.sum(1, keepdim=True, dtype=torch.float64)  # (R, 1)
-    picks = [chosen]
+    first = torch.randint(0, m, (R, 1), generator=g, device=dev) + offset  # (R, 1)
+    u = torch.rand(k - 1, R, trials, generator=g, device=dev, dtype=_F64).unbind(0)
+
+    def dists(idx):  # (R, t) flat indices → (R, t, m) squared distances to every point
+        pts = rows.index_select(0, idx.view(-1)).view(R, -1, d + 2)
+        return torch.bmm(pts, cols).clamp_(min=0)
+
+    closest = dists(first)  # (R, 1, m): D² so far
+    pot = closest.sum(-1)  # (R, 1)
+    cands, bests = [], []
     for j in range(k - 1):
-        cum = closest.cumsum(1, dtype=torch.float64)
-        cand = torch.searchsorted(cum, u[j] * pot).clamp_(max=m - 1).add_(offset)  # (R, t)
-        pts = flat.index_select(0, cand.reshape(-1)).view(R, trials, d)
-        d_cand = torch.minimum(_pp_dists(xs, x_sq, pts, x_sq_flat[cand]), closest.unsqueeze(1))
-        pot, best = d_cand.sum(-1, dtype=torch.float64).min(1, keepdim=True)  # first on ties
-        closest = d_cand.gather(1, best.unsqueeze(-1).expand(R, 1, m)).squeeze(1)
-        picks.append(cand.gather(1, best))
-    return flat.index_select(0, torch.cat(picks, 1).reshape(-1)).view(R, k, d)
+        cand = torch.searchsorted(closest.view(R, m).cumsum(1), u[j] * pot)
+        cand = cand.clamp_(max=m - 1).add_(offset)  # (R, t)
+        d_cand = torch.minimum(dists(cand), closest)  # (R, t, m)
+        pot, best = d_cand.sum(-1).min(1, keepdim=True)  # first on ties
+        closest = d_cand.gather(1, best.unsqueeze(-1).expand(R, 1, m))
+        cands.append(cand)
+        bests.append(best)
+    picks = torch.stack(cands, 1).gather(2, torch.stack(bests, 1)).view(R, k - 1)
+    picks = torch.cat([first, picks], 1).view(-1)
+    return rows.index_select(0, picks).view(R, k, d + 2)[..., :d]
+
+
+# --------------------------------------------------------------------------- the loop
+def _draw_batches(n: int, steps: int, batch: int, g: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """Batch indices for ``steps`` steps at once: (steps, batch), uniform with replacement."""
+    return torch.randint(0, n, (steps, batch), generator=g, device=device)
+
+
+def _accumulate(T: torch.Tensor, labels: torch.Tensor, x1: torch.Tensor,
+                p: _LoopParams) -> torch.Tensor:
+    """``T + [Σx, m]`` per centre: T (k, d+1), labels (b,), x1 (b, d+1) → (k, d+1).
+
+    ``index_add`` on the CPU, where it is deterministic; elsewhere a one-hot product, because CUDA's
+    ``index_add`` adds with atomics whose order (and so rounding) changes from run to run.
+    """
+    if p.arange_k is None:
+        return T.index_add(0, labels, x1)
+    return torch.addmm(T, (p.arange_k == labels).to(T.dtype), x1)
+
+
+def _step(T, c1, c_sq, x1, x1t, cand, p: _LoopParams, check=None):
+    """One mini-batch step (scikit-learn's ``_mini_batch_step``), with no host sync.
+
+    Args:
+        T: running sums ``[w_j c_j, w_j]`` (k, d+1), float64; ``c1 = T / w`` the centres as
+            ``[c, 1]`` rows and ``c_sq`` (k, 1) their squared norms.
+        x1, x1t: the batch as ``[x, 1]`` rows (b, d+1), and its transpose.
+        cand: ``x1[:k]``, the rows that reassigned centres move to.
+        check: whether reassignment is checked at this step (a bool tensor), or None for always.
+
+    Returns:
+        ``(T, c1, c_sq, mins)``: the new state, and ``‖c_label‖² - 2 x·c_label`` per row (the
+        batch inertia is ``mins.sum() + ‖x1‖²``).
+
+    The update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is ``T_j += [Σx, m_j]; c_j = T_j / w_j``. A
+    centre's count starts at ε = 2⁻⁶⁰ rather than 0 (so ``T / w`` is its initial centre until its
+    first update, and that update is the batch mean to float64 rounding). Reassignment: centres with
+    ``w < ratio · max(w)`` (at most half a batch, the lightest) jump to the first batch rows, one
+    each, with ``w`` reset to the smallest remaining count. The batch is drawn i.i.d., so these
+    are distinct batch points chosen uniformly, as scikit-learn's ``choice(b, r, replace=False)``.
+    """
+    mins, labels = _scores(c1, x1t, c_sq).min(0)
+    T = _accumulate(T, labels, x1, p)
+    if p.ratio > 0:
+        w = T[:, -1:]
+        low = w < w.amax() * p.ratio
+        if p.rank_limit:
+            low = low & (w.argsort(0, stable=True).argsort(0) < p.max_reassign)
+        if check is not None:
+            low = low & check
+        floor = w.masked_fill(low, math.inf).amin()
+        T = torch.where(low, cand * floor, T)
+    c1 = T / T[:, -1:]
+    return T, c1, (c1 * c1).sum(1, keepdim=True), mins
+
+
+class _LoopParams:
+    """The loop's constants, derived once per fit."""
+
+    def __init__(self, km: MiniBatchKMeans, n: int, k: int, batch: int, tol: float):
+        self.k = k
+        self.batch = batch
+        self.alpha = min(2.0 * batch / (n + 1), 1.0)
+        self.ratio = float(km.reassignment_ratio)
+        self.max_reassign = int(0.5 * batch)
+        self.rank_limit = k > self.max_reassign
+        self.always_check = batch >= 10 * k  # every step has seen 10·k samples since the last check
+        self.patience = km.max_no_improvement
+        self.tol = tol
+        self.arange_k = None  # (k, 1) on the data's device: sums by one-hot product (not CPU)
+
+
+def _ewa_weights(S: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, L) with ``ewa = P·e₀ + L @ b``: the EWA recurrence ``e_t = (1-α) e_{t-1} + α b_t`` over S
+    steps in closed form, ``P_t = (1-α)^(t+1)``, ``L_ts = α (1-α)^(t-s)`` for s ≤ t."""
+    t = torch.arange(S, device=device, dtype=_F64)
+    lag = t[:, None] - t[None, :]
+    L = torch.where(lag >= 0, alpha * (1 - alpha) ** lag.clamp(min=0), 0.0)
+    return (1 - alpha) ** (t + 1), L
+
+
+def _stop_rule(b: torch.Tensor, carry: tuple, p: _LoopParams, first: bool, weights,
+               moved: torch.Tensor | None = None):
+    """scikit-learn's ``_mini_batch_convergence``, over a chunk of steps at once, on the device.
+
+    Per step (batch inertia ``b_t`` divided by the batch size; the fit's first step is ignored by
+    the caller, as scikit-learn ignores it): the first counted step sets ``e = b``; later
+    ``e ← (1-α) e + α b``, ``α = min(2·batch/(n+1), 1)``; stop when the centres moved at most
+    ``tol`` (if ``tol > 0``), or when ``e`` has not reached a new minimum for
+    ``max_no_improvement`` steps in a row.
+
+    Args:
+        b: (S,) float64 batch inertias of the chunk's steps.
+        carry: ``(e, e_min, last)`` after the previous chunk: the EWA, its minimum (inf at the
+            start), and the index of its last new minimum relative to this chunk's start (≤ -1).
+        first: the chunk starts with the first counted step (then ``e₀ = b_0`` gives ``e = b_0``).
+        weights: :func:`_ewa_weights` for S.
+        moved: (S,) squared centre movements, when ``tol > 0``.
+
+    Returns:
+        ``(stop, carry)``: (S,) bool, True where scikit-learn stops, and the carry for the next chunk.
+    """
+    S = b.shape[0]
+    e0, e_min, last = carry
+    if first:
+        e0 = b[0]
+    P, L = weights
+    e = torch.addmv(P * e0, L, b)  # (S,) the EWA after each step
+    prev_min = torch.cat([e_min.reshape(1), e]).cummin(0).values  # [t]: the minimum before step t
+    t = torch.arange(S, device=b.device)
+    last_new = torch.where(e < prev_min[:-1], t, last).cummax(0).values  # last new minimum ≤ t
+    stop = torch.zeros(S, dtype=torch.bool, device=b.device)
+    if p.patience is not None:
+        stop = (t - last_new) >= p.patience
+    if p.tol > 0:
+        stop = stop | (moved <= p.tol)
+    return stop, (e[-1], prev_min[-1], last_new[-1] - S)
 
 
 class MiniBatchKMeans:
@@ -145,6 +268,8 @@ class MiniBatchKMeans:
 
     Args:
         n_clusters: k.
+        init: ``"k-means++"``, or initial centres (k, d) (then ``n_init`` is ignored, as in
+            scikit-learn).
         n_init: k-means++ candidates (computed together); the best on a validation subsample wins.
         batch_size: points per step (capped at n).
         max_iter: epochs of budget: at most ``(max_iter · n) // batch_size`` steps.
@@ -152,11 +277,18 @@ class MiniBatchKMeans:
         max_no_improvement: stop after this many steps without a new minimum of the smoothed
             inertia (``None`` disables early stopping).
         reassignment_ratio: centres whose count is below this fraction of the largest count are
-            moved to random batch points.
-        tol: stop when the squared centre movement falls to ``tol · mean(var(X))`` (0: off).
+            moved to random batch points (in [0, 1]).
+        tol: stop when the squared centre movement falls to ``tol · mean(var(X))`` (0: off; > 0
+            costs one more host sync per fit).
         random_state: ``None``, an ``int`` seed or a ``torch.Generator`` on X's device.
-        sync_every: steps between host checks of the stop flag (default 1 on the CPU, where a
-            check is free, and 16 elsewhere).
+        loop: ``"device"``: the host looks at the stop flag once per ``sync_every`` steps;
+            ``"host"``: after every step (the same steps, the same result, no wasted steps);
+            ``"auto"``: host on the CPU, device elsewhere.
+        sync_every: steps per chunk: batch indices are drawn, and on the device loop the host
+            looks, once per chunk (default 16).
+
+    Fitted attributes: ``cluster_centers_``, ``labels_``, ``inertia_`` (a float; reading it is the
+    fit's last host sync), ``n_steps_``, ``n_iter_``, ``init_inertia_``.
 
     Example:
         >>> km = MiniBatchKMeans(16, random_state=0).fit(torch.randn(5000, 9))
@@ -168,6 +300,7 @@ class MiniBatchKMeans:
         self,
         n_clusters: int,
         *,
+        init: str | torch.Tensor | np.ndarray = "k-means++",
         n_init: int = 3,
         batch_size: int = 1024,
         max_iter: int = 100,
@@ -176,9 +309,11 @@ class MiniBatchKMeans:
         reassignment_ratio: float = 0.01,
         tol: float = 0.0,
         random_state: int | torch.Generator | None = None,
-        sync_every: int | None = None,
+        loop: str = "auto",
+        sync_every: int = 16,
     ):
         self.n_clusters = n_clusters
+        self.init = init
         self.n_init = n_init
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -187,6 +322,7 @@ class MiniBatchKMeans:
         self.reassignment_ratio = reassignment_ratio
         self.tol = tol
         self.random_state = random_state
+        self.loop = loop
         self.sync_every = sync_every
 
     # ------------------------------------------------------------------ validation
@@ -194,37 +330,52 @@ class MiniBatchKMeans:
         def is_real(v):
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
-        for name in ("n_clusters", "n_init", "batch_size", "max_iter"):
+        for name in ("n_clusters", "n_init", "batch_size", "max_iter", "sync_every"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("init_size", "sync_every"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+        v = self.init_size
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ValueError(f"init_size must be None or a positive int, got {v!r}")
         v = self.max_no_improvement
         if v is not None and (not _is_int(v) or v < 0):
             raise ValueError(f"max_no_improvement must be None or an int >= 0, got {v!r}")
-        for name in ("reassignment_ratio", "tol"):
-            v = getattr(self, name)
-            if not is_real(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        v = self.tol
+        if not is_real(v) or v < 0:
+            raise ValueError(f"tol must be a finite number >= 0, got {v!r}")
+        v = self.reassignment_ratio
+        if not is_real(v) or not 0 <= v <= 1:
+            raise ValueError(f"reassignment_ratio must be a number in [0, 1], got {v!r}")
+        if self.loop not in _LOOPS:
+            raise ValueError(f"loop must be one of {_LOOPS}, got {self.loop!r}")
+        if isinstance(self.init, str) and self.init != "k-means++":
+            raise ValueError(f"init must be 'k-means++' or an array of centres, got {self.init!r}")
 
-    def _check_X(self, X) -> torch.Tensor:
+    def _check_X(self, X, name: str = "X") -> torch.Tensor:
         if isinstance(X, np.ndarray):
             X = torch.from_numpy(X)
         if not isinstance(X, torch.Tensor):
-            raise TypeError(f"X must be a torch.Tensor or numpy array, got {type(X).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(X).__name__}")
         if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}")
+            raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape "
+                             f"{tuple(X.shape)}")
         if X.dtype == torch.uint8:
             X = X.float()
         if not X.is_floating_point():
-            raise TypeError(f"X must be floating point or uint8, got {X.dtype}")
+            raise TypeError(f"{name} must be floating point or uint8, got {X.dtype}")
         X = X.to(_compute_dtype(X.dtype))
         if not all_finite(X):
-            raise ValueError("X contains NaN or Inf")
+            raise ValueError(f"{name} contains NaN or Inf")
         return X.contiguous()
+
+    def _check_init(self, X: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(self.init, str):
+            return None
+        c = self._check_X(self.init, "init").to(X.device)
+        if c.shape != (self.n_clusters, X.shape[1]):
+            raise ValueError(f"init must have shape (n_clusters, n_features) = "
+                             f"({self.n_clusters}, {X.shape[1]}), got {tuple(c.shape)}")
+        return c
 
     # ------------------------------------------------------------------ fit
     def fit(self, X) -> MiniBatchKMeans:
@@ -233,9 +384,11 @@ class MiniBatchKMeans:
         X = self._check_X(X)
         if X.shape[0] < self.n_clusters:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}.")
-        return self._fit(X)
+        if X.shape[1] < 1:
+            raise ValueError(f"X has {X.shape[1]} features; at least 1 is required")
+        return self._fit(X, self._check_init(X))
 
-    def _fit(self, X: torch.Tensor) -> MiniBatchKMeans:
+    def _fit(self, X: torch.Tensor, init: torch.Tensor | None = None) -> MiniBatchKMeans:
         """:meth:`fit` on valid input: finite, contiguous float32/float64 X with n ≥ k rows."""
         n, d = X.shape
         k = int(self.n_clusters)
@@ -249,165 +402,106 @@ class MiniBatchKMeans:
 
         # Initialisation: validation subsample, then n_init k-means++ candidates at once.
         valid = X[torch.randint(0, n, (init_size,), generator=g, device=dev)]
-        if init_size < n:
-            sub = torch.randint(0, n, (int(self.n_init), init_size), generator=g, device=dev)
-            xs = X[sub]
+        if init is not None:
+            cands = init.to(_F64).unsqueeze(0)
         else:
-            xs = X.unsqueeze(0).expand(int(self.n_init), n, d)
-        cands = _kmeans_plusplus(xs, k, g)  # (n_init, k, d)
-        cand_inertia = torch.stack([_labels_inertia(valid, c)[1] for c in cands])
-        centres = cands[cand_inertia.argmin()].clone()  # ties keep the first candidate
+            if init_size < n:
+                sub = torch.randint(0, n, (int(self.n_init), init_size), generator=g, device=dev)
+                xs = X[sub]
+            else:
+                xs = X.unsqueeze(0).expand(int(self.n_init), n, d)
+            cands = _kmeans_plusplus(xs, k, g)  # (n_init, k, d)
+        cand_inertia = _labels_inertia(valid.expand(cands.shape[0], -1, -1), cands)[1]
+        best = cands.index_select(0, cand_inertia.argmin().reshape(1))[0]  # ties: the first
 
         tol = 0.0
         if self.tol > 0:
             tol = float(X.var(0, unbiased=False).mean()) * self.tol
-        centres, n_steps = self._run(X, centres, g, batch, tol)
+        params = _LoopParams(self, n, k, batch, tol)
+        centres, n_steps = self._run(X, best, g, params)
 
-        self.cluster_centers_ = centres
+        self.cluster_centers_ = centres.to(X.dtype)
         self.n_steps_ = n_steps
         self.n_iter_ = int(math.ceil(n_steps * batch / n))
-        self.labels_, inertia = _labels_inertia(X, centres)
-        self.inertia_ = float(inertia)
-        self.init_inertia_ = float(cand_inertia.min())
+        self.labels_, self._inertia = _labels_inertia(X, self.cluster_centers_)
+        self._init_inertia = cand_inertia.min()
         return self
 
-    def _run(self, X, centres, g, batch, tol):
-        """The mini-batch loop; returns the final centres and the number of steps taken."""
-        n = X.shape[0]
-        budget = (int(self.max_iter) * n) // batch
-        sync_every = int(self.sync_every or (1 if _host_paths(X.device) else 16))
-        state = _LoopState(self, n, batch, tol)
-        if sync_every == 1:
-            return self._run_host(X, centres, g, batch, budget, state)
-        return self._run_device(X, centres, g, batch, budget, state, sync_every)
+    @property
+    def inertia_(self) -> float:
+        """Σ ‖x - c_label‖² over the fitted X (float64)."""
+        return float(self._inertia)
 
-    def _run_host(self, X, centres, g, batch, budget, st, indices=None):
-        """Step loop with decisions on the host: the fast path where a sync costs nothing (CPU).
+    @property
+    def init_inertia_(self) -> float:
+        """Inertia of the chosen initialisation on the validation subsample."""
+        return float(self._init_inertia)
 
-        Sums and counts come from one ``index_add`` of ``[x, 1]`` rows; the update
-        ``c + (Σx - m·c) / (w + m)`` equals ``(w·c + Σx) / (w + m)`` and leaves empty centres as
-        they are.
+    def _run(self, X: torch.Tensor, centres: torch.Tensor, g: torch.Generator,
+             p: _LoopParams) -> tuple[torch.Tensor, int]:
+        """The mini-batch loop from ``centres`` (k, d); returns the final centres and the steps.
+
+        Chunks of ``sync_every`` steps: indices drawn at once, the steps run, the stopping rule
+        applied to the chunk's inertias; the host then reads the first stopping step, once per
+        chunk (device loop) or after every step (host loop).
         """
-        n, k, d, dev, dt = X.shape[0], int(self.n_clusters), X.shape[1], X.device, X.dtype
-        X1 = torch.cat([X, X.new_ones(n, 1)], 1)
-        counts = torch.zeros(k, device=dev, dtype=dt)
-        since = 0
-        step = 0
-        while step < budget:
-            idx = _draw_indices(n, min(_IDX_BLOCK, budget - step), batch, g, dev, indices, step)
-            block = X1.index_select(0, idx.reshape(-1)).view(idx.shape[0], batch, d + 1)
-            for xb1 in block:  # one gather per block of batches: cheaper than one per step
-                xb = xb1[:, :d]
-                labels = _labels(xb, centres)
-                batch_inertia = float(torch.nn.functional.mse_loss(
-                    xb, centres.index_select(0, labels), reduction="sum"))
-                acc = _cluster_sums(labels, xb1, k)  # sums and counts
-                m = acc[:, d]
-                new_counts = counts + m
-                new_centres = torch.addcdiv(
-                    centres, torch.addcmul(acc[:, :d], m[:, None], centres, value=-1),
-                    new_counts.clamp(min=1)[:, None])
-                if st.ratio > 0:
-                    since += batch
-                    if since >= 10 * k or bool((counts == 0).any()):
-                        since = 0
-                        lo, hi = torch.aminmax(new_counts)
-                        if float(lo) < st.ratio * float(hi):
-                            new_centres, new_counts = self._reassign_host(
-                                xb, new_centres, new_counts, st, g)
-                moved = float((new_centres - centres).square().sum()) if st.tol > 0 else 0.0
-                centres, counts = new_centres, new_counts
-                step += 1
-                if st.converged(step, batch_inertia, moved):
-                    return centres, step
-        return centres, step
+        n, d = X.shape
+        dev = X.device
+        budget = (int(self.max_iter) * n) // p.batch
+        S = int(self.sync_every)
+        look_every = 1 if _resolve_loop(self.loop, dev) == "host" else S
+        weights = {}
 
-    def _reassign_host(self, xb, centres, counts, st, g):
-        """scikit-learn's ``_random_reassign``: starved centres jump to random batch points."""
-        low = counts < st.ratio * counts.max()
-        if self.n_clusters > st.max_reassign:  # at most half a batch: only the lightest
-            low &= counts.argsort(stable=True).argsort() < st.max_reassign
-        r = int(low.sum())
-        if r:
-            pick = torch.randperm(xb.shape[0], generator=g, device=xb.device)[:r]
-            centres = centres.clone()
-            counts = counts.clone()
-            centres[low] = xb.index_select(0, pick)
-            counts[low] = counts[~low].min()
-        return centres, counts
-
-    def _run_device(self, X, centres, g, batch, budget, st, sync_every, indices=None):
-        """Step loop with every decision on the device (masks); the host looks every few steps."""
-        n, k, dev, dt = X.shape[0], int(self.n_clusters), X.device, X.dtype
-        counts = torch.zeros(k, device=dev, dtype=dt)
-        ewa = torch.zeros((), device=dev, dtype=dt)
-        ewa_min = torch.full((), math.inf, device=dev, dtype=dt)
-        no_improve = torch.zeros((), device=dev, dtype=torch.long)
-        since_reassign = torch.zeros((), device=dev, dtype=torch.long)
-        stopped = torch.zeros((), device=dev, dtype=torch.bool)
-        steps = torch.zeros((), device=dev, dtype=torch.long)
-        patience = self.max_no_improvement
-
-        i = 0
-        while i < budget:
-            idx = _draw_indices(n, min(_IDX_BLOCK, budget - i), batch, g, dev, indices, i)
-            for j0 in range(0, idx.shape[0], sync_every):
-                block = min(sync_every, idx.shape[0] - j0)
-                if st.ratio > 0:
-                    # Random rows of each batch, without replacement, for reassigned centres.
-                    pick = torch.rand(block, batch, generator=g, device=dev).argsort(1)[:, :k]
-                for s in range(block):
-                    step = i + s
-                    active = ~stopped
-                    xb = X.index_select(0, idx[j0 + s])
-                    labels = _labels(xb, centres)
-                    batch_inertia = (xb - centres[labels]).square().sum()
-                    m = torch.bincount(labels, minlength=k).to(dt)
-                    sums = _cluster_sums(labels, xb, k)
-                    new_counts = counts + m
-                    upd = (centres * counts[:, None] + sums) / new_counts.clamp(min=1e-30)[:, None]
-                    new_centres = torch.where((m > 0)[:, None], upd, centres)
-
-                    if st.ratio > 0:
-                        since = since_reassign + batch
-                        check = (counts == 0).any() | (since >= 10 * k)
-                        since_reassign = torch.where(
-                            active, torch.where(check, 0, since), since_reassign
-                        )
-                        low = new_counts < st.ratio * new_counts.max()
-                        if k > st.max_reassign:  # at most half a batch: only the lightest
-                            rank = new_counts.argsort(stable=True).argsort()
-                            low = low & (rank < st.max_reassign)
-                        low = low & check
-                        slot = (low.cumsum(0) - 1).clamp(min=0)
-                        new_centres = torch.where(low[:, None], xb[pick[s][slot]], new_centres)
-                        floor = torch.where(low, math.inf, new_counts).min()
-                        new_counts = torch.where(low, floor, new_counts)
-
-                    moved = (new_centres - centres).square().sum() if st.tol > 0 else None
-                    centres = torch.where(active, new_centres, centres)
-                    counts = torch.where(active, new_counts, counts)
-                    steps = steps + active.long()
-
-                    # Early stopping on the smoothed batch inertia (step 1 ignored).
-                    if step >= 1:
-                        bi = batch_inertia / batch
-                        new_ewa = bi if step == 1 else ewa * (1 - st.alpha) + bi * st.alpha
-                        better = new_ewa < ewa_min
-                        new_no_improve = torch.where(better, 0, no_improve + 1)
-                        ewa = torch.where(active, new_ewa, ewa)
-                        ewa_min = torch.where(active & better, new_ewa, ewa_min)
-                        no_improve = torch.where(active, new_no_improve, no_improve)
-                        stop = torch.zeros((), device=dev, dtype=torch.bool)
-                        if st.tol > 0:
-                            stop = stop | (moved <= st.tol)
-                        if patience is not None:
-                            stop = stop | (no_improve >= patience)
-                        stopped = stopped | (active & stop)
-                i += block
-                if bool(stopped):
-                    return centres, int(steps)
-        return centres, int(steps)
+        c1 = _augment(centres)
+        T = c1 * 2.0**-60  # counts start at ε: T / w is the initial centre until its update
+        c_sq = (c1 * c1).sum(1, keepdim=True)
+        if dev.type != "cpu":
+            p.arange_k = torch.arange(p.k, device=dev).unsqueeze(1)
+        carry = (X.new_zeros((), dtype=_F64), X.new_full((), math.inf, dtype=_F64),
+                 torch.full((), -1, device=dev, dtype=torch.long))
+        since = torch.zeros((), device=dev, dtype=torch.long)
+        x_sq_all = (X * X).sum(1, dtype=_F64) + 1  # ‖[x, 1]‖² of every row
+        buf = X.new_ones(S * p.batch, d + 1, dtype=_F64)  # batches as [x, 1] rows, reused
+        start = 0
+        while start < budget:
+            rows = min(S, budget - start)
+            idx = _draw_batches(n, rows, p.batch, g, dev).view(-1)
+            x1 = buf[: rows * p.batch]
+            x1[:, :d] = X.index_select(0, idx)
+            x1 = x1.view(rows, p.batch, d + 1)
+            x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # ‖x1‖² per batch
+            xs, xts, cands = x1.unbind(0), x1.transpose(1, 2).unbind(0), x1[:, : p.k].unbind(0)
+            for s0 in range(0, rows, look_every):
+                s1 = min(s0 + look_every, rows)
+                hist, mins, moved = [], [], []
+                for s in range(s0, s1):
+                    check = None
+                    if p.ratio > 0 and not p.always_check:
+                        since = since + p.batch
+                        check = (T[:, -1] < 1).any() | (since >= 10 * p.k)
+                        since = torch.where(check, 0, since)
+                    old = c1
+                    T, c1, c_sq, m = _step(T, c1, c_sq, xs[s], xts[s], cands[s], p, check)
+                    hist.append(T)
+                    mins.append(m)
+                    if p.tol > 0:
+                        moved.append((c1 - old).square().sum())
+                # The fit's first step is not judged: its inertia measures the initial centres.
+                skip = 1 if start + s0 == 0 else 0
+                if s1 - s0 > skip:
+                    b = (torch.stack(mins[skip:]).sum(1) + x_sq[s0 + skip : s1]) / p.batch
+                    L = b.shape[0]
+                    if L not in weights:
+                        weights[L] = _ewa_weights(L, p.alpha, dev)
+                    stop, carry = _stop_rule(
+                        b, carry, p, start + s0 + skip == 1, weights[L],
+                        torch.stack(moved[skip:]) if moved else None)
+                    # The one host sync of these steps: the first stopping step, or L if none.
+                    j = int(torch.cat([stop, stop.new_ones(1)]).int().argmax())
+                    if j < L:
+                        return _centres(hist[skip + j], d), start + s0 + skip + j + 1
+            start += rows
+        return _centres(T, d), budget
 
     # ------------------------------------------------------------------ predict
     def predict(self, X) -> torch.Tensor:
@@ -420,58 +514,9 @@ class MiniBatchKMeans:
                 f"X has {X.shape[1]} features but the model was fitted on "
                 f"{self.cluster_centers_.shape[1]}"
             )
-        return _labels_inertia(X.to(self.cluster_centers_.dtype), self.cluster_centers_)[0]
+        return _labels_inertia(X, self.cluster_centers_)[0]
 
 
-def _draw_indices(n, rows, batch, g, dev, indices, start):
-    """The next ``rows`` batches of indices: drawn from ``g``, or taken from fixed ``indices``."""
-    if indices is not None:
-        return indices[start : start + rows]
-    return torch.randint(0, n, (rows, batch), generator=g, device=dev)
-
-
-def _fixed_run(X: torch.Tensor, centres: torch.Tensor, indices: torch.Tensor, *,
-               reassignment_ratio: float = 0.0, sync_every: int = 1,
-               generator: int | torch.Generator | None = 0):
-    """Mini-batch steps from given centres over given batches, no early stopping (for tests).
-
-    Returns (centres, counts-free steps taken). ``sync_every > 1`` runs the device loop.
-    """
-    km = MiniBatchKMeans(centres.shape[0], max_no_improvement=None,
-                         reassignment_ratio=reassignment_ratio, sync_every=sync_every)
-    batch = indices.shape[1]
-    st = _LoopState(km, X.shape[0], batch, 0.0)
-    g = as_generator(generator, X.device)
-    if sync_every == 1:
-        return km._run_host(X, centres.clone(), g, batch, indices.shape[0], st, indices)
-    return km._run_device(X, centres.clone(), g, batch, indices.shape[0], st, sync_every, indices)
-
-
-class _LoopState:
-    """scikit-learn's ``_mini_batch_convergence`` on host scalars, plus the loop's constants."""
-
-    def __init__(self, km: MiniBatchKMeans, n: int, batch: int, tol: float):
-        self.batch = batch
-        self.alpha = min(2.0 * batch / (n + 1), 1.0)
-        self.ratio = float(km.reassignment_ratio)
-        self.max_reassign = int(0.5 * batch)
-        self.tol = tol
-        self.patience = km.max_no_improvement
-        self.ewa = None
-        self.ewa_min = None
-        self.no_improve = 0
-
-    def converged(self, step: int, batch_inertia: float, moved: float) -> bool:
-        """Called after step ``step`` (1-based) with its batch inertia; True means stop."""
-        if step == 1:
-            return False
-        bi = batch_inertia / self.batch
-        self.ewa = bi if self.ewa is None else self.ewa * (1 - self.alpha) + bi * self.alpha
-        if self.tol > 0 and moved <= self.tol:
-            return True
-        if self.ewa_min is None or self.ewa < self.ewa_min:
-            self.no_improve = 0
-            self.ewa_min = self.ewa
-        else:
-            self.no_improve += 1
-        return self.patience is not None and self.no_improve >= self.patience
+def _centres(T: torch.Tensor, d: int) -> torch.Tensor:
+    """Centres ``T / w`` as (k, d) float64 from the running sums (k, d+1)."""
+    return T[:, :d] / T[:, d:]

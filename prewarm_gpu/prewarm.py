@@ -47,7 +47,7 @@ class PrewarmReport:
     scale_rule: str  # "given", or "auto" (Table 2's σ capped at the Kaiming parity bound)
     inertia: float  # k-means inertia over all patches
     kmeans_steps: int  # mini-batch steps taken
-    seconds: float  # wall time of the whole call (synchronised on CUDA)
+    seconds: float  # wall time of the call, to its last host read (the write is queued)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -192,8 +192,9 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
 
 
 def _value_range(x: torch.Tensor) -> tuple[float, float]:
-    lo, hi = torch.aminmax(x)
-    return float(lo), float(hi)
+    """(min, max) of x in one host read."""
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    return lo, hi
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -212,8 +213,12 @@ def _auto_n_patches(raw: torch.Tensor, value_range: tuple[float, float], n_filte
     ``value_range`` is raw's (min, max), already computed by the caller.
     """
     if raw.shape[1] == 1:
-        tau = rules.otsu_threshold(raw, value_range=value_range)
-        d = rules.foreground_density(raw, tau)
+        lo, hi = value_range
+        if lo >= hi:
+            raise ValueError(
+                f"Otsu's threshold is undefined for constant images (every value is {lo:g})")
+        tau_t = rules._otsu([raw], 256, lo, hi)
+        tau, d = torch.stack([tau_t, rules._density([raw], tau_t)]).tolist()  # one host read
         if d == 0:
             raise ValueError(
                 f"foreground density d = 0 (no pixel above Otsu's τ* = {tau:.4f}); "
@@ -241,6 +246,7 @@ def prewarm_(
     scale: float | str = "auto",
     patch_size: int | tuple[int, int] | None = None,
     raw_images: torch.Tensor | None = None,
+    kmeans_options: dict[str, Any] | None = None,
     generator: int | torch.Generator | None = None,
 ) -> PrewarmReport:
     """Pre-Warm the first conv of ``model`` in place from one batch of images.
@@ -272,6 +278,10 @@ def prewarm_(
             have std σ; smaller ones are an error.
         raw_images: raw [0, 1] pixels for the rules (default ``images``); used only when
             ``n_patches="auto"``, with a warning when the values leave [0, 1].
+        kmeans_options: keywords for :class:`~prewarm_gpu.MiniBatchKMeans` other than
+            ``n_clusters``, ``init`` and ``random_state`` (default: Listing 1's ``n_init=3`` and
+            scikit-learn's defaults), e.g. ``{"loop": "device"}`` to run the GPU's sync-free loop on
+            the CPU.
         generator: ``None``, an ``int`` seed or a ``torch.Generator`` on the images' device.
 
     Returns:
@@ -283,11 +293,31 @@ def prewarm_(
     """
     with torch.no_grad():  # images may require grad; nothing here is differentiated
         return _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size,
-                        raw_images, generator)
+                        raw_images, generator, kmeans_options=kmeans_options)
+
+
+_KMEANS_FIXED = ("n_clusters", "init", "random_state")
+
+
+def _kmeans(k: int, options: dict[str, Any] | None, g: torch.Generator) -> MiniBatchKMeans:
+    """Listing 1's ``MiniBatchKMeans(k, n_init=3)`` with the caller's options, checked."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"kmeans_options must be a dict, got {type(options).__name__}")
+    bad = [key for key in options if key in _KMEANS_FIXED]
+    if bad:
+        raise ValueError(f"kmeans_options cannot set {bad}: Pre-Warm sets {list(_KMEANS_FIXED)}")
+    try:
+        km = MiniBatchKMeans(k, random_state=g, **{"n_init": 3, **options})
+    except TypeError as e:
+        raise TypeError(f"kmeans_options: {e}") from None
+    km._check_params()
+    return km
 
 
 def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
-             generator, listing1=False) -> PrewarmReport:
+             generator, listing1=False, kmeans_options=None) -> PrewarmReport:
     """The pipeline. ``listing1``: as Listing 1, ``n_clusters`` may
     exceed F; all are clustered and normalised together and the first ``min(n_clusters, F)``
     are written."""
@@ -319,6 +349,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     if k < 1:
         raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
     g = as_generator(generator, x.device)
+    km = _kmeans(k, kmeans_options, g)
 
     # Rules (Table 2) on the raw pixels.
     rule, stat, tau = "given", None, None
@@ -359,37 +390,35 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     else:
         raise ValueError(f"scale must be a number or 'auto', got {scale!r}")
 
-    centroids, km = _cluster(x, patch, dil, P, k, g)
+    centroids = _cluster(km, x, patch, dil, P)
     centroids = centre_crop(centroids, C, patch, kernel)
     # Steps 4-5 in float64 (k filters: free), then one cast to the conv's dtype.
     filters64 = weight_and_normalise(centroids.to(torch.float64), kernel, C, sigma)
     filters64 = filters64.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
     filters = filters64.to(conv.weight.dtype)
-    c_max, want, got = torch.stack([
+    # The call's one read of the device's results: the checks before the write, and the report.
+    c_max, want, got, inertia = torch.stack([
         centroids.abs().amax().to(torch.float64), filters64.std(unbiased=False),
-        filters.to(torch.float64).std(unbiased=False)]).tolist()
+        filters.to(torch.float64).std(unbiased=False), km._inertia]).tolist()
     if c_max == 0:
         raise ValueError("every centroid is 0: the sampled patches are constant after "
                          "mean-centring; Pre-Warm needs images with local contrast")
     if not (want > 0 and abs(got - want) <= 0.01 * want):  # also catches NaN/Inf
         raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights: "
                          f"written, their std would be {got:g} instead of {want:g}")
-    conv.weight[: filters.shape[0]].copy_(filters)  # under prewarm_'s no_grad
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+    conv.weight[: filters.shape[0]].copy_(filters)  # under prewarm_'s no_grad; queued, not awaited
     return PrewarmReport(
         layer=name, n_clusters=filters.shape[0], n_patches=P, patch_size=patch, scale=sigma,
-        rule=rule, statistic=stat, otsu_threshold=tau, scale_rule=scale_rule, inertia=km.inertia_,
+        rule=rule, statistic=stat, otsu_threshold=tau, scale_rule=scale_rule, inertia=inertia,
         kmeans_steps=km.n_steps_, seconds=time.perf_counter() - t0,
     )
 
 
-def _cluster(x, patch, dil, n_patches, k, g):
-    """Steps 1-3: extract, mean-centre, cluster. Returns (centroids (k, C·K_h·K_w), fitted km)."""
-    p = extract_patches(x, patch, n_patches, dilation=dil, generator=g)
+def _cluster(km: MiniBatchKMeans, x, patch, dil, n_patches):
+    """Steps 1-3: extract, mean-centre, cluster with ``km``. Returns centroids (k, C·K_h·K_w)."""
+    p = extract_patches(x, patch, n_patches, dilation=dil, generator=km.random_state)
     p = p - p.mean(1, keepdim=True)
-    km = MiniBatchKMeans(k, n_init=3, random_state=g)._fit(p)  # p is valid: skip fit's checks
-    return km.cluster_centers_, km
+    return km._fit(p).cluster_centers_  # p is valid: skip fit's checks
 
 
 def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: int = 16,

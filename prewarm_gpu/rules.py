@@ -111,13 +111,21 @@ def otsu_threshold(
         raise ValueError(
             f"Otsu's threshold is undefined for constant images (every value is {lo:g})"
         )
+    return float(_otsu(chunks, nbins, lo, hi))
+
+
+def _otsu(chunks: list[torch.Tensor], nbins: int, lo: float, hi: float) -> torch.Tensor:
+    """:func:`otsu_threshold` on valid chunks and a finite range ``lo < hi``, as a 0-d float64
+    tensor on their device (no host sync)."""
     dev = chunks[0].device
     hist = torch.zeros(nbins, dtype=torch.float64, device=dev)
     for c in chunks:
         # Bin i covers [lo + i·w, lo + (i+1)·w); the maximum goes in the last bin, as numpy does.
+        # Counts by index_add of ones: exact in float64 in any order, and no sync (CUDA's bincount
+        # reads the maximum label on the host).
         v = c.reshape(-1).to(torch.float64)
         idx = ((v - lo) * (nbins / (hi - lo))).floor().clamp_(0, nbins - 1).long()
-        hist += torch.bincount(idx, minlength=nbins).to(torch.float64)
+        hist.index_add_(0, idx, torch.ones_like(v))
     centres = lo + (torch.arange(nbins, dtype=torch.float64, device=dev) + 0.5) * (hi - lo) / nbins
     w0 = hist.cumsum(0)
     w1 = hist.flip(0).cumsum(0).flip(0)
@@ -125,7 +133,13 @@ def otsu_threshold(
     m1 = (hist * centres).flip(0).cumsum(0).flip(0) / w1
     between = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]).square()
     between = torch.nan_to_num(between, nan=-1.0)  # empty leading/trailing classes
-    return float(centres[between.argmax()])
+    return centres.take(between.argmax())
+
+
+def _density(chunks: list[torch.Tensor], threshold: float | torch.Tensor) -> torch.Tensor:
+    """:func:`foreground_density` of valid chunks as a 0-d float64 tensor (no host sync)."""
+    above = sum((c > threshold).sum() for c in chunks)
+    return above.to(torch.float64) / sum(c.numel() for c in chunks)
 
 
 def foreground_density(
@@ -135,9 +149,7 @@ def foreground_density(
     chunks = _chunks(x)
     if threshold is None:
         threshold = otsu_threshold(chunks)
-    above = sum(int((c > threshold).sum()) for c in chunks)
-    total = sum(c.numel() for c in chunks)
-    return above / total
+    return float(_density(chunks, threshold))
 
 
 def random_patches(images: torch.Tensor, kh: int, kw: int, n_patches: int, g: torch.Generator,

@@ -6,8 +6,31 @@ import torch
 from sklearn.cluster import MiniBatchKMeans as SkMiniBatchKMeans
 
 import reference
-from prewarm_gpu import MiniBatchKMeans
-from prewarm_gpu.kmeans import _fixed_run
+from prewarm_gpu import MiniBatchKMeans, kmeans
+from prewarm_gpu.counters import count_dispatch
+
+
+@pytest.fixture
+def fixed_run(monkeypatch):
+    """Mini-batch steps from given centres over given batches, no early stopping.
+
+    ``fixed_run(X, c0, idx, **options)`` → the fitted estimator; ``idx`` (steps, batch) replaces
+    the drawn batches (through ``kmeans._draw_batches``), and ``max_iter`` is set so that the
+    budget is exactly ``steps``.
+    """
+    def run(X, c0, idx, **options):
+        steps, batch = idx.shape
+        n = X.shape[0]
+        max_iter = -(-steps * batch // n)
+        assert (max_iter * n) // batch == steps, "pick sizes whose budget is exactly `steps`"
+        rows = iter(idx)
+        monkeypatch.setattr(kmeans, "_draw_batches",
+                            lambda n, k, b, g, dev: torch.stack([next(rows) for _ in range(k)]))
+        km = MiniBatchKMeans(c0.shape[0], init=c0, batch_size=batch, max_iter=max_iter,
+                             max_no_improvement=None, random_state=0,
+                             **{"reassignment_ratio": 0.0, **options})
+        return km.fit(X)
+    return run
 
 
 def test_two_point_clusters_by_hand():
@@ -22,20 +45,22 @@ def test_two_point_clusters_by_hand():
     torch.testing.assert_close(km.predict(X), km.labels_)
 
 
-def test_first_update_replaces_centre_with_batch_mean():
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_first_update_replaces_centre_with_batch_mean(fixed_run, loop):
     # One step from given centres: each centre with points becomes the mean of its points.
     X = torch.tensor([[0.0], [1.0], [2.0], [10.0], [12.0]])
     c0 = torch.tensor([[0.5], [11.0], [100.0]])
-    c, steps = _fixed_run(X, c0, torch.arange(5)[None])
-    assert steps == 1
-    torch.testing.assert_close(c, torch.tensor([[1.0], [11.0], [100.0]]))
+    km = fixed_run(X, c0, torch.arange(5)[None], loop=loop)
+    assert km.n_steps_ == 1
+    torch.testing.assert_close(km.cluster_centers_, torch.tensor([[1.0], [11.0], [100.0]]))
 
 
-def test_count_weighted_update_second_step_by_hand():
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_count_weighted_update_second_step_by_hand(fixed_run, loop):
     # Step 1 on [0, 0]: c = 0, count 2. Step 2 on [4, 4]: c = (0·2 + 8) / 4 = 2.
     X = torch.tensor([[0.0], [4.0]])
-    c, _ = _fixed_run(X, torch.tensor([[1.0]]), torch.tensor([[0, 0], [1, 1]]))
-    torch.testing.assert_close(c, torch.tensor([[2.0]]))
+    km = fixed_run(X, torch.tensor([[1.0]]), torch.tensor([[0, 0], [1, 1]]), loop=loop)
+    torch.testing.assert_close(km.cluster_centers_, torch.tensor([[2.0]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -60,24 +85,44 @@ def test_does_not_touch_global_rng():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_host_and_device_loops_agree_on_cpu():
-    # The device loop (masked, host check every few steps) runs the same algorithm.
+@pytest.mark.parametrize("sync_every", [1, 5, 16])
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.3])
+def test_host_and_device_loops_are_the_same_steps(sync_every, ratio):
+    # One step function and one stopping rule: the loops differ only in when the host looks, so
+    # on one device they give the same bits and the same stopping step.
     X = torch.randn(4000, 9, generator=torch.Generator().manual_seed(2))
-    a = MiniBatchKMeans(8, random_state=3, reassignment_ratio=0.0, sync_every=1).fit(X)
-    b = MiniBatchKMeans(8, random_state=3, reassignment_ratio=0.0, sync_every=7).fit(X)
+    a = MiniBatchKMeans(8, random_state=3, reassignment_ratio=ratio, loop="host").fit(X)
+    b = MiniBatchKMeans(8, random_state=3, reassignment_ratio=ratio, loop="device",
+                        sync_every=sync_every).fit(X)
     assert a.n_steps_ == b.n_steps_
-    torch.testing.assert_close(a.cluster_centers_, b.cluster_centers_, rtol=0, atol=1e-5)
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_)
+    assert torch.equal(a.labels_, b.labels_) and a.inertia_ == b.inertia_
 
 
-def test_reassignment_moves_starved_centre_in_both_loops():
-    # A centre far from all data gets no points; it is moved onto a batch point.
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_reassignment_moves_starved_centre(fixed_run, loop):
+    # A centre far from all data gets no points; it is moved onto a point of the batch, with the
+    # smallest remaining count.
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(2048, 2, generator=gen)
     c0 = torch.cat([X[:3], torch.tensor([[1e3, 1e3]])])
-    idx = torch.randint(0, 2048, (3, 512), generator=gen)
-    for sync_every in (1, 2):
-        c, _ = _fixed_run(X, c0, idx, reassignment_ratio=0.01, sync_every=sync_every)
-        assert c[3].abs().max() < 100, sync_every
+    idx = torch.randint(0, 2048, (4, 512), generator=gen)
+    km = fixed_run(X, c0, idx, reassignment_ratio=0.01, loop=loop)
+    c = km.cluster_centers_
+    assert c[3].abs().max() < 100
+    first_batch = X[idx[0]]
+    assert ((first_batch - c[3]).abs().sum(1) == 0).any() or km.n_steps_ > 1
+
+
+def test_reassignment_decided_by_hand_one_step(fixed_run):
+    # Step 1: centre 0 gets 99 points, centre 1 one point (count 1 < 0.02·99), centre 2 none.
+    # scikit-learn moves centres 1 and 2 to batch points and sets their counts to the smallest
+    # remaining count (99); here they take batch rows 1 and 2 (row j for the j-th moved centre).
+    X = torch.cat([torch.zeros(99, 1), torch.tensor([[5.0]])])
+    idx = torch.arange(100)[None]
+    c0 = torch.tensor([[0.0], [5.0], [50.0]])
+    km = fixed_run(X, c0, idx, reassignment_ratio=0.02)
+    torch.testing.assert_close(km.cluster_centers_, torch.tensor([[0.0], [0.0], [0.0]]))
 
 
 def test_inertia_never_rises_with_more_clusters_on_digits(digits_images):
@@ -107,19 +152,19 @@ def test_predict_before_fit_is_an_error():
 
 # ----------------------------------------------------------------- cross-checks (c) and (d)
 @pytest.mark.parametrize("d", [9, 27])
-def test_fixed_run_matches_sklearn_centres(d):
+def test_fixed_run_matches_sklearn_centres(fixed_run, d):
     """(c) Same initial centres, same batch indices, fixed length: centres within 1e-5."""
     rng = np.random.default_rng(d)
-    X = rng.normal(size=(6000, d)).astype(np.float32)
+    X = rng.normal(size=(6144, d)).astype(np.float32)
     X -= X.mean(1, keepdims=True)
     c0 = X[rng.choice(len(X), 16, replace=False)]
-    idx = rng.integers(0, len(X), size=(40, 1024))
+    idx = rng.integers(0, len(X), size=(42, 1024))  # budget (7 · 6144) // 1024
     ref_c, _, _ = reference.minibatch_kmeans_fixed(X, c0, idx)
-    for sync_every in (1, 8):
-        c, steps = _fixed_run(torch.from_numpy(X), torch.from_numpy(c0), torch.from_numpy(idx),
-                              sync_every=sync_every)
-        assert steps == 40
-        np.testing.assert_allclose(c.numpy(), ref_c, rtol=0, atol=1e-5)
+    for loop in ("host", "device"):
+        km = fixed_run(torch.from_numpy(X), torch.from_numpy(c0), torch.from_numpy(idx),
+                       loop=loop)
+        assert km.n_steps_ == len(idx)
+        np.testing.assert_allclose(km.cluster_centers_.numpy(), ref_c, rtol=0, atol=1e-5)
 
 
 def _digits_patches(digits_images, n_patches=8, seed=0):
@@ -148,34 +193,55 @@ def test_inertia_and_steps_in_distribution_with_sklearn(digits_images):
     assert abs(np.median(s_ours) - np.median(s_theirs)) <= 0.5 * np.median(s_theirs)
 
 
-def test_direct_difference_branch_agrees_with_cpu_expression():
-    # CUDA labels by direct differences and seeds k-means++ with them; check on the CPU that both
-    # expressions give the same labels and (to rounding) the same seeding distances.
-    from prewarm_gpu.kmeans import _labels, _pp_dists, _sq_dists
+def test_one_hot_sums_match_index_add():
+    # Off the CPU the sums are a one-hot product (deterministic, unlike CUDA's atomics): the same
+    # numbers as the CPU's index_add, checked here on the CPU.
+    from prewarm_gpu.kmeans import _accumulate, _LoopParams
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 500, 27, generator=gen)
-    c = torch.randn(3, 4, 27, generator=gen)
-    torch.testing.assert_close(_pp_dists(x, x.square().sum(-1), c, c.square().sum(-1)),
-                               _sq_dists(c, x),
-                               rtol=1e-4, atol=1e-4)
-    assert torch.equal(_labels(x[0], c[0]), _sq_dists(x[0], c[0]).argmin(1))
-
-
-def test_cluster_sums_one_hot_product_matches_index_add():
-    # The CUDA branch (float64 one-hot product: deterministic, unlike atomics) checked on the CPU.
-    from prewarm_gpu.kmeans import _cluster_sums
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 27, generator=gen)
+    x1 = torch.randn(1024, 28, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 16, (1024,), generator=gen)
-    labels[labels == 5] = 6  # an empty cluster sums to 0
-    a = _cluster_sums(labels, x, 16, by_product=False)
-    b = _cluster_sums(labels, x, 16, by_product=True)
-    assert b.dtype == x.dtype and not b[5].any()
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    exact = torch.stack([x[labels == j].double().sum(0) for j in range(16)]).float()
-    torch.testing.assert_close(b, exact, rtol=0, atol=1e-6)
+    labels[labels == 5] = 6  # an empty cluster adds 0
+    T = torch.randn(16, 28, generator=gen, dtype=torch.float64)
+    p = _LoopParams(MiniBatchKMeans(16), 5000, 16, 1024, 0.0)
+    a = _accumulate(T, labels, x1, p)
+    p.arange_k = torch.arange(16).unsqueeze(1)
+    b = _accumulate(T, labels, x1, p)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.equal(b[5], T[5])
+
+
+def test_stop_rule_by_hand():
+    # scikit-learn's rule on a known inertia sequence (batch 1, alpha = 1: e = b), patience 3:
+    # new minima 5, 4; then 6, 4.5 and 4.0 (not below 4) are 3 steps without one: stop there.
+    from prewarm_gpu.kmeans import _ewa_weights, _LoopParams, _stop_rule
+
+    p = _LoopParams(MiniBatchKMeans(2, max_no_improvement=3), 1, 2, 1, 0.0)
+    assert p.alpha == 1.0
+    b = torch.tensor([5.0, 4.0, 6.0, 4.5, 4.0], dtype=torch.float64)  # steps 1..5
+    carry = (torch.tensor(0.0, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64),
+             torch.tensor(-1))
+    stop, _ = _stop_rule(b, carry, p, True, _ewa_weights(5, 1.0, "cpu"))
+    assert stop.tolist() == [False, False, False, False, True]
+    # The same sequence one step at a time (the host loop) gives the same decisions.
+    decisions = []
+    for i, first in zip(range(5), [True] + [False] * 4):
+        s, carry = _stop_rule(b[i : i + 1], carry, p, first, _ewa_weights(1, 1.0, "cpu"))
+        decisions += s.tolist()
+    assert decisions == stop.tolist()
+
+
+def test_ewa_matches_the_recurrence():
+    from prewarm_gpu.kmeans import _ewa_weights
+
+    alpha, e0 = 0.3, 2.0
+    b = torch.rand(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    P, L = _ewa_weights(16, alpha, "cpu")
+    e, want = e0, []
+    for v in b.tolist():
+        e = e * (1 - alpha) + v * alpha
+        want.append(e)
+    torch.testing.assert_close(P * e0 + L @ b, torch.tensor(want, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -187,6 +253,10 @@ def test_cluster_sums_one_hot_product_matches_index_add():
         ({"reassignment_ratio": "x"}, "reassignment_ratio"),
         ({"tol": float("nan")}, "tol"),
         ({"init_size": 0}, "init_size"),
+        ({"reassignment_ratio": 1.5}, "reassignment_ratio"),
+        ({"loop": "gpu"}, "loop"),
+        ({"init": "random"}, "init"),
+        ({"init": torch.zeros(2, 4)}, "shape"),
     ],
 )
 def test_bad_parameters_named(kwargs, match):
@@ -202,26 +272,48 @@ def test_numpy_int_parameters_and_empty_predict():
     assert a.predict(torch.empty(0, 4)).shape == (0,)
 
 
-def test_accelerator_branches_end_to_end_on_cpu(monkeypatch, digits_images):
-    # Every branch CUDA takes (direct-difference labels and seeding, one-hot cluster sums, the
-    # masked device loop with a host check every 16 steps), run on the CPU: deterministic, and in
-    # distribution with the CPU's own branches (this machine has no GPU; see the gpu tests).
-    from prewarm_gpu import kmeans
-
+def test_device_loop_in_distribution_with_sklearn_on_digits(digits_images):
+    # The loop CUDA takes by default, run on the CPU: deterministic, and in distribution with
+    # scikit-learn's inertia.
     X = _digits_patches(digits_images)
-    host = [MiniBatchKMeans(16, random_state=s).fit(X) for s in range(8)]
-    monkeypatch.setattr(kmeans, "_CPU_PATHS", False)
-    dev = [MiniBatchKMeans(16, random_state=s).fit(X) for s in range(8)]
-    again = MiniBatchKMeans(16, random_state=0).fit(X)
+    dev = [MiniBatchKMeans(16, random_state=s, loop="device").fit(X) for s in range(8)]
+    again = MiniBatchKMeans(16, random_state=0, loop="device").fit(X)
     assert torch.equal(again.cluster_centers_, dev[0].cluster_centers_)
     assert again.n_steps_ == dev[0].n_steps_
-    # The host-decided loop with the accelerator's cluster sums (sync_every=1 on a GPU).
-    h1 = [MiniBatchKMeans(16, random_state=0, sync_every=1).fit(X) for _ in range(2)]
-    assert torch.equal(h1[0].cluster_centers_, h1[1].cluster_centers_)
-    h = np.mean([k.inertia_ for k in host])
-    d = np.mean([k.inertia_ for k in dev])
-    assert abs(d / h - 1) < 0.02, (d, h)
-    assert abs(h1[0].inertia_ / h - 1) < 0.05, (h1[0].inertia_, h)  # one run, not a mean
+    sk = [SkMiniBatchKMeans(16, n_init=3, random_state=s).fit(X.numpy()).inertia_ for s in range(8)]
+    assert abs(np.mean([k.inertia_ for k in dev]) / np.mean(sk) - 1) < 0.02
     for k in dev:
         assert 2 <= k.n_steps_ <= (100 * X.shape[0]) // 1024
         assert k.labels_.shape == (X.shape[0],) and k.cluster_centers_.shape == (16, 9)
+
+
+# ----------------------------------------------------------------- what the GPU pays for
+def test_device_fit_syncs_once_plus_once_per_chunk():
+    X = torch.randn(7168, 27, generator=torch.Generator().manual_seed(0))
+    for sync_every in (16, 32):
+        km = MiniBatchKMeans(16, random_state=0, loop="device", sync_every=sync_every)
+        with count_dispatch() as c:
+            km.fit(X)
+        chunks = -(-km.n_steps_ // sync_every)
+        assert c.n_syncs <= 1 + chunks, (dict(c.syncs), km.n_steps_)
+    with count_dispatch() as c:
+        km.inertia_  # the result read when it is needed
+    assert c.n_syncs == 1
+
+
+def test_device_step_dispatches_at_most_30_ops():
+    """Ops per mini-batch step on the device loop, from two fixed-length runs (16 steps apart).
+
+    Before this loop (commit a1be148) the CPU count of the accelerator branch was 77 ops per step;
+    this one measures 17-18 (one-hot sums on CUDA add 2).
+    """
+    X = torch.randn(7168, 27, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for max_iter in (4, 6):  # budgets of 28 and 42 steps: chunks 16 + 12 and 16 + 16 + 10
+        km = MiniBatchKMeans(16, random_state=0, loop="device", max_no_improvement=None,
+                             max_iter=max_iter)
+        with count_dispatch() as c:
+            km.fit(X)
+        counts.append((km.n_steps_, c.n_ops))
+    (s0, n0), (s1, n1) = counts
+    assert (n1 - n0) / (s1 - s0) <= 30, counts

@@ -387,19 +387,23 @@ def test_whole_prewarm_matches_reference_on_mnist_like_digits(digits_images):
 # ----------------------------------------------------------------- CUDA
 @pytest.mark.gpu
 def test_cuda_matches_cpu_in_distribution_and_is_deterministic(digits_images):
-    x = digits_images[:256].cuda()
+    # Same seed on CUDA: the same bits. Across seeds, CUDA's filters match the CPU's as well as the
+    # CPU's own seeds match each other (8×8 digits: matched cosine ~0.87 either way on an H100).
+    x = digits_images[:256]
     a, b = Net().cuda(), Net().cuda()
     b.load_state_dict(a.state_dict())
-    ra = prewarm_(a, x, generator=3)
-    prewarm_(b, x, generator=torch.Generator(device="cuda").manual_seed(3))
+    prewarm_(a, x.cuda(), generator=3)
+    prewarm_(b, x.cuda(), generator=torch.Generator(device="cuda").manual_seed(3))
     assert torch.equal(a.conv1.weight, b.conv1.weight)
-    cpu = Net()
-    rc = prewarm_(cpu, digits_images[:256], generator=3)
-    assert ra.n_patches == rc.n_patches
-    assert abs(ra.inertia / rc.inertia - 1) < 0.05
-    wa = a.conv1.weight[:16].detach().cpu().reshape(16, -1).numpy()
-    wc = cpu.conv1.weight[:16].detach().reshape(16, -1).numpy()
-    assert _matched_cosine(wa, wc) >= 0.9
+    cpu, cuda = [], []
+    for seed in range(8):
+        for dev, out in (("cpu", cpu), ("cuda", cuda)):
+            net = Net().to(dev)
+            prewarm_(net, x.to(dev), generator=seed)
+            out.append(net.conv1.weight[:16].detach().cpu().reshape(16, -1).numpy())
+    cpu_cpu = np.mean([_matched_cosine(p, q) for i, p in enumerate(cpu) for q in cpu[i + 1:]])
+    cpu_cuda = np.mean([_matched_cosine(p, q) for p in cpu for q in cuda])
+    assert cpu_cuda >= cpu_cpu - 0.02, (cpu_cuda, cpu_cpu)
 
 
 @pytest.mark.gpu
@@ -419,21 +423,71 @@ def test_images_requiring_grad_and_numpy_scalars(digits_images):
     assert net.conv1.weight[:8].std(unbiased=False).item() == pytest.approx(0.3, rel=1e-5)
 
 
-def test_accelerator_branches_whole_pipeline_on_cpu(monkeypatch, digits_images):
-    # prewarm_ with every k-means branch CUDA would take, on the CPU: bit-identical per seed and
-    # close to the CPU branches' filters (the gpu tests repeat this on a real device).
-    from prewarm_gpu import kmeans
-
+def test_device_loop_whole_pipeline_on_cpu(digits_images):
+    # prewarm_ with the loop CUDA takes, run on the CPU: the same steps as the host loop, so the
+    # same filters, bit for bit.
     x = digits_images[:256]
-    cpu = Net()
-    rc = prewarm_(cpu, x, generator=3)
-    monkeypatch.setattr(kmeans, "_CPU_PATHS", False)
-    a, b = Net(), Net()
-    b.load_state_dict(a.state_dict())
-    ra = prewarm_(a, x, generator=3)
-    prewarm_(b, x, generator=3)
-    assert torch.equal(a.conv1.weight, b.conv1.weight)
-    assert ra.n_patches == rc.n_patches and abs(ra.inertia / rc.inertia - 1) < 0.05
-    wa = a.conv1.weight[:16].detach().reshape(16, -1).numpy()
-    wc = cpu.conv1.weight[:16].detach().reshape(16, -1).numpy()
-    assert _matched_cosine(wa, wc) >= 0.9
+    nets = [Net() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    reports = [prewarm_(net, x, generator=3, kmeans_options={"loop": loop})
+               for net, loop in zip(nets, ("host", "device"))]
+    assert torch.equal(nets[0].conv1.weight, nets[1].conv1.weight)
+    assert reports[0].kmeans_steps == reports[1].kmeans_steps
+    assert reports[0].inertia == reports[1].inertia
+
+
+@pytest.mark.parametrize("options, err, match", [
+    ({"n_init": 0}, ValueError, "n_init"),
+    ({"loop": "fast"}, ValueError, "loop"),
+    ({"random_state": 1}, ValueError, "random_state"),
+    ({"n_clusters": 4}, ValueError, "n_clusters"),
+    ({"batchsize": 10}, TypeError, "batchsize"),
+    ([("loop", "host")], TypeError, "dict"),
+])
+def test_bad_kmeans_options_leave_weights_untouched(digits_images, options, err, match):
+    net = Net()
+    before = _snapshot(net)
+    with pytest.raises(err, match=match):
+        prewarm_(net, digits_images[:64], kmeans_options=options, generator=0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------- what the GPU pays for
+def _count(x, **kwargs):
+    from prewarm_gpu.counters import count_dispatch
+
+    with count_dispatch() as c:
+        r = prewarm_(nn.Conv2d(x.shape[1], 32, 3), x, kmeans_options={"loop": "device"}, **kwargs)
+    return r, c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_device_path_host_syncs(seed):
+    """At most 2 host syncs plus one per chunk of 16 k-means steps; 2 more with the auto rules.
+
+    Before (commit a1be148): 7-8 on this count through the accelerator branch, 105 on an H100's
+    ``cuda.set_sync_debug_mode`` (whose bincount and scalar copies this count does not see).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    colour, grey = torch.rand(256, 3, 32, 32, generator=gen), torch.rand(256, 1, 28, 28, generator=gen)
+    for x in (colour, grey):
+        r, c = _count(x, n_patches=28, scale=0.25, generator=seed)
+        assert c.n_syncs <= 2 + -(-r.kmeans_steps // 16), (dict(c.syncs), r.kmeans_steps)
+        r, c = _count(x, generator=seed)
+        assert c.n_syncs <= 4 + -(-r.kmeans_steps // 16), (dict(c.syncs), r.kmeans_steps)
+
+
+def test_device_path_ops_on_the_colour_batch():
+    """ATen ops of the whole colour-batch call (256×3×32×32, P = 28) on the device loop.
+
+    Before (commit a1be148, accelerator branch, counted the same way): 2,987 ops when k-means ran
+    32 steps and 4,223 when it ran 48 (steps run in chunks of 16), i.e. 515 + 77.25 per step run.
+    Now ~1,010 and ~1,292: 0.31-0.34 of before, short of the issue's 1/4 (k-means++ alone is ~290
+    ops; a step ~17.6).
+    """
+    x = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for seed in range(6):
+        r, c = _count(x, n_patches=28, scale=0.25, generator=seed)
+        run = 16 * -(-r.kmeans_steps // 16)
+        assert c.n_ops <= 0.35 * (515 + 77.25 * run), (seed, run, c.n_ops)
