@@ -19,8 +19,8 @@ How the loop avoids the host (the GPU's cost at these sizes is launches and sync
   batch inertia, ``max_no_improvement``, ``tol``), vectorised over a chunk of steps' inertias.
 - **Chunks**: batch indices for ``sync_every`` steps are drawn at once from the generator on the
   device; the steps run without looking at the host; then the rule finds the first step at which
-  scikit-learn would have stopped, and the host reads that one integer (the chunk's only sync). Steps
-  after the stop were computed but are discarded: the state at the stop step is taken from the
+  scikit-learn would have stopped, and the host reads that one integer (the chunk's only sync).
+  Steps after the stop were computed but are discarded: the state at the stop step is taken from the
   chunk's history. ``loop="host"`` is the same code with the host looking after every step (no
   wasted steps; on the CPU a look is free).
 """
@@ -48,7 +48,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _resolve_loop(loop: str, device: torch.device) -> str:
-    """``"auto"``: the host loop on the CPU (a look costs nothing there), the device loop elsewhere."""
+    """``"auto"``: the host loop on the CPU (a look costs nothing there), the device loop
+    elsewhere."""
     if loop == "auto":
         return "host" if device.type == "cpu" else "device"
     return loop
@@ -235,7 +236,7 @@ def _stop_rule(b: torch.Tensor, carry: tuple, p: _LoopParams, first: bool, weigh
         moved: (S,) squared centre movements, when ``tol > 0``.
 
     Returns:
-        ``(stop, carry)``: (S,) bool, True where scikit-learn stops, and the carry for the next chunk.
+        ``(stop, carry)``: (S,) bool, True where scikit-learn stops; the carry for the next chunk.
     """
     S = b.shape[0]
     e0, e_min, last = carry

@@ -430,7 +430,7 @@ def test_device_loop_whole_pipeline_on_cpu(digits_images):
     nets = [Net() for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     reports = [prewarm_(net, x, generator=3, kmeans_options={"loop": loop})
-               for net, loop in zip(nets, ("host", "device"))]
+               for net, loop in zip(nets, ("host", "device"), strict=True)]
     assert torch.equal(nets[0].conv1.weight, nets[1].conv1.weight)
     assert reports[0].kmeans_steps == reports[1].kmeans_steps
     assert reports[0].inertia == reports[1].inertia
@@ -470,8 +470,7 @@ def test_device_path_host_syncs(seed):
     ``cuda.set_sync_debug_mode`` (whose bincount and scalar copies this count does not see).
     """
     gen = torch.Generator().manual_seed(seed)
-    colour, grey = torch.rand(256, 3, 32, 32, generator=gen), torch.rand(256, 1, 28, 28, generator=gen)
-    for x in (colour, grey):
+    for x in (torch.rand(256, 3, 32, 32, generator=gen), torch.rand(256, 1, 28, 28, generator=gen)):
         r, c = _count(x, n_patches=28, scale=0.25, generator=seed)
         assert c.n_syncs <= 2 + -(-r.kmeans_steps // 16), (dict(c.syncs), r.kmeans_steps)
         r, c = _count(x, generator=seed)
