@@ -138,6 +138,7 @@ def test_inertia_never_rises_with_more_clusters_on_digits(digits_images):
         (torch.zeros(3, 2), {}, "n_samples=3 should be >= n_clusters=4"),
         (torch.tensor([[0.0, float("nan")]] * 8), {}, "NaN"),
         (torch.zeros(10, 2), {"n_init": 0}, "n_init"),
+        (torch.zeros(100, 0), {}, "0 features"),
     ],
 )
 def test_bad_input(X, kwargs, match):
