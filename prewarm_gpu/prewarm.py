@@ -213,11 +213,7 @@ def _auto_n_patches(raw: torch.Tensor, value_range: tuple[float, float], n_filte
     ``value_range`` is raw's (min, max), already computed by the caller.
     """
     if raw.shape[1] == 1:
-        lo, hi = value_range
-        if lo >= hi:
-            raise ValueError(
-                f"Otsu's threshold is undefined for constant images (every value is {lo:g})")
-        tau_t = rules._otsu([raw], 256, lo, hi)
+        tau_t = rules._otsu([raw], 256, *value_range)
         tau, d = torch.stack([tau_t, rules._density([raw], tau_t)]).tolist()  # one host read
         if d == 0:
             raise ValueError(

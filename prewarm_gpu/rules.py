@@ -107,16 +107,16 @@ def otsu_threshold(
         lo, hi = map(float, value_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("images contain NaN or Inf; Otsu's threshold is undefined")
-    if lo >= hi:
-        raise ValueError(
-            f"Otsu's threshold is undefined for constant images (every value is {lo:g})"
-        )
     return float(_otsu(chunks, nbins, lo, hi))
 
 
 def _otsu(chunks: list[torch.Tensor], nbins: int, lo: float, hi: float) -> torch.Tensor:
-    """:func:`otsu_threshold` on valid chunks and a finite range ``lo < hi``, as a 0-d float64
-    tensor on their device (no host sync)."""
+    """:func:`otsu_threshold` on valid chunks and their finite range, as a 0-d float64 tensor on
+    their device (no host sync)."""
+    if lo >= hi:
+        raise ValueError(
+            f"Otsu's threshold is undefined for constant images (every value is {lo:g})"
+        )
     dev = chunks[0].device
     hist = torch.zeros(nbins, dtype=torch.float64, device=dev)
     for c in chunks:
