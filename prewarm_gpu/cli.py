@@ -31,6 +31,12 @@ from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
 __all__ = ["main", "build_parser", "parse_init_options", "stats_table"]
 
 
+_DATA_DIR_HELP = ("where the dataset's files are: torchvision's layout, or MNIST-style idx files "
+                  "(.gz or not) flat in the folder; nothing is written there. Default: ./data, "
+                  "else /usr/share/datasets/<name> (Debian's dataset-fashion-mnist). Unused for "
+                  "digits")
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-batch", dest="batch", action="store_false",
                    help="train one run at a time (default: the runs of a dataset train together "
                    "as one stacked model)")
+    r.add_argument("--baseline", choices=["torch-default", "he-normal", "he-uniform"],
+                   default="torch-default",
+                   help="the weights both arms start from: torch-default (PyTorch's "
+                   "kaiming_uniform_(a=√5), std 1/√(3·fan_in); the paper's Listing 2) or He et "
+                   "al. 2015, std √(2/fan_in), biases 0, for every conv and linear layer")
     r.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="batched trainer: fp32 (default, as the paper), tf32, or bf16 autocast")
     r.add_argument("--backend", choices=["auto", "grouped", "vmap", "loop"], default="auto",
@@ -120,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write filters_<dataset>.png and curves_<dataset>.png (needs matplotlib)")
     r.add_argument("--save-models", action="store_true",
                    help="save trained state dicts to <out>/models/<dataset>-<init>-<seed>.pt")
-    r.add_argument("--data-dir", type=Path, default=Path("data"),
-                   help="torchvision's dataset root (default: ./data; unused for digits)")
+    r.add_argument("--data-dir", type=Path, default=None, help=_DATA_DIR_HELP)
     r.add_argument("--download", action="store_true",
                    help="let torchvision download missing datasets into --data-dir")
     r.add_argument("--no-progress", dest="progress", action="store_false",
@@ -132,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "5 for grayscale, eq. 6 for colour) and σ, over the whole training split.")
     s.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME",
                    help=f"{names}, or 'all'")
-    s.add_argument("--data-dir", type=Path, default=Path("data"))
+    s.add_argument("--data-dir", type=Path, default=None, help=_DATA_DIR_HELP)
     s.add_argument("--download", action="store_true")
     s.add_argument("--device", default=_default_device())
     s.add_argument("--n-filters", type=int, default=32, help="F, conv1's filters (32)")
@@ -193,7 +203,7 @@ def _sweep_config(args: argparse.Namespace):
         batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
         eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
-        backend=args.backend,
+        backend=args.backend, baseline=args.baseline,
     )
 
 
@@ -216,7 +226,7 @@ def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
     return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
 
 
-def stats_row(name: str, *, data_dir: Path, download: bool, device: str,
+def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
               n_filters: int = 32) -> dict[str, Any]:
     """Table 1's derived quantities for one dataset, over its whole training split."""
     from . import rules
@@ -224,6 +234,8 @@ def stats_row(name: str, *, data_dir: Path, download: bool, device: str,
     from .models import fc_dim
 
     data = load_dataset(name, data_dir=data_dir, download=download, device=device)
+    if data.source is not None:
+        print(f"{data.spec.name}: read from {data.source}", file=sys.stderr)
     s = data.spec
     # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
     chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,10 @@ __all__ = [
     "DatasetNotFoundError",
     "canonical_name",
     "expected_files",
+    "find_files",
     "missing_files",
+    "candidate_dirs",
+    "locate",
     "load_dataset",
     "epoch_stream",
     "first_batch_indices",
@@ -94,6 +98,7 @@ class ImageData:
     max_value: float = 255.0  # raw = x / max_value (16 for digits)
     mean: torch.Tensor = field(init=False)  # (C,) of the raw training images
     std: torch.Tensor = field(init=False)  # (C,)
+    source: Path | None = field(default=None, init=False)  # the folder read (None: bundled)
 
     def __post_init__(self) -> None:
         self.mean, self.std = _channel_stats(self.train_x, self.max_value)
@@ -129,18 +134,22 @@ def _channel_stats(x: torch.Tensor, max_value: float, chunk: int = 8192):
     return mean.to(torch.float32), std.to(torch.float32)
 
 
-# --- on-disk layouts (torchvision's) ----------------------------------------------------------
+# --- on-disk layouts --------------------------------------------------------------------------
+
+DEFAULT_DATA_DIR = Path("data")  # looked at first when no data dir is given
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # Debian's dataset-* packages: <dir>/<name>/…
 
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+_MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
 def expected_files(name: str, root: str | os.PathLike) -> list[Path]:
-    """The files torchvision reads for dataset ``name`` under ``root`` (empty for ``digits``)."""
+    """The files torchvision's layout holds for dataset ``name`` under ``root`` (empty for
+    ``digits``). MNIST and Fashion-MNIST may also lie flat in ``root`` (see :func:`find_files`)."""
     name, root = canonical_name(name), Path(root)
-    if name in ("mnist", "fashion-mnist"):
-        folder = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
-        return [folder / f for f in _MNIST_FILES]
+    if name in _MNIST_FOLDERS:
+        return [root / _MNIST_FOLDERS[name] / "raw" / f for f in _MNIST_FILES]
     if name == "cifar10":
         folder = root / "cifar-10-batches-py"
         names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -152,54 +161,127 @@ def expected_files(name: str, root: str | os.PathLike) -> list[Path]:
     return []
 
 
+def _present(p: Path) -> Path | None:
+    """``p`` itself, else ``p.gz``, else None."""
+    for q in (p, p.with_name(p.name + ".gz")):
+        if q.is_file():
+            return q
+    return None
+
+
+def find_files(name: str, root: str | os.PathLike) -> list[Path] | None:
+    """The dataset's files under ``root`` as they are on disk, or None when a file is missing.
+
+    MNIST and Fashion-MNIST: torchvision's ``<root>/<Folder>/raw/`` or the four idx files flat in
+    ``root`` (Debian's ``dataset-fashion-mnist``, the authors' release), each plain or ``.gz``."""
+    name, root = canonical_name(name), Path(root)
+    expected = expected_files(name, root)
+    layouts = [expected]
+    if name in _MNIST_FOLDERS:
+        layouts.append([root / f for f in _MNIST_FILES])
+    for files in layouts:
+        found = [_present(p) if name in _MNIST_FOLDERS else (p if p.is_file() else None)
+                 for p in files]
+        if all(found):
+            return found
+    return None
+
+
 def missing_files(name: str, root: str | os.PathLike) -> list[Path]:
-    """:func:`expected_files` that are absent (an MNIST-style ``X.gz`` counts for ``X``)."""
-    return [p for p in expected_files(name, root)
-            if not p.is_file() and not p.with_name(p.name + ".gz").is_file()]
+    """:func:`expected_files` that are absent; empty when any accepted layout is complete."""
+    if find_files(name, root) is not None:
+        return []
+    return [p for p in expected_files(name, root) if _present(p) is None]
 
 
-def _not_found(name: str, root: str | os.PathLike, cause: Exception | None = None):
-    files = expected_files(name, root)
-    lines = "\n".join(f"  {p}" for p in files)
-    gz = " (MNIST-style files may be .gz)" if name in ("mnist", "fashion-mnist") else ""
-    msg = (f"dataset {name!r} not found under data dir {str(Path(root).resolve())!r}; expected "
-           f"these files{gz}:\n{lines}\nPut them there, point --data-dir at them, or pass "
-           f"--download to fetch them.")
+def candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    """Where dataset ``name`` is looked for: ``data_dir`` when given, else ``./data`` and then the
+    system-wide ``/usr/share/datasets/<name>``."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    return [DEFAULT_DATA_DIR, SYSTEM_DATA_DIR / canonical_name(name)]
+
+
+def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The first of :func:`candidate_dirs` that holds the whole dataset.
+
+    Raises:
+        DatasetNotFoundError: naming every place looked at and the files expected there.
+    """
+    name = canonical_name(name)
+    dirs = candidate_dirs(name, data_dir)
+    for d in dirs:
+        if find_files(name, d) is not None:
+            return d
+    raise _not_found(name, dirs)
+
+
+def _not_found(name: str, dirs: list[Path], cause: Exception | None = None):
+    mnist = name in _MNIST_FOLDERS
+    lines = []
+    for d in dirs:
+        lines += [f"  {p}" for p in expected_files(name, d)]
+        if mnist:
+            lines.append(f"  or the same four files flat in {d}/")
+    where = " or ".join(repr(str(d.resolve())) for d in dirs)
+    gz = " (each may be .gz)" if mnist else ""
+    apt = (f"\nOn Debian/Ubuntu: apt-get install dataset-{name} (read from "
+           f"{SYSTEM_DATA_DIR / name})." if name == "fashion-mnist" else "")
+    msg = (f"dataset {name!r} not found under {where}; expected these files{gz}:\n"
+           + "\n".join(lines)
+           + f"\nPut them there, point --data-dir at them, or pass --download to fetch them.{apt}")
     if cause is not None:
         msg += f"\n(torchvision said: {cause})"
     return DatasetNotFoundError(msg)
 
 
-def _gunzip_mnist(name: str, root: Path) -> None:
-    """Unpack ``raw/X.gz`` → ``raw/X`` where only the archive exists (what torchvision's download
-    does after fetching; its loader reads the unpacked files)."""
-    for p in expected_files(name, root):
-        gz = p.with_name(p.name + ".gz")
-        if not p.is_file() and gz.is_file():
-            tmp = p.with_name(p.name + ".part")
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, p)
+def _read_idx_files(files: list[Path]):
+    """The four idx files (plain or gzipped) through torchvision's own parser. A ``.gz`` file is
+    decompressed into a temporary directory of the system's temp folder, deleted once read:
+    nothing is ever written into the data folder."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="prewarm-gpu-idx-") as tmp:
+        for p, read in zip(files, (read_image_file, read_label_file) * 2, strict=True):
+            if p.suffix == ".gz":
+                plain = Path(tmp) / p.stem
+                with gzip.open(p, "rb") as src, open(plain, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                p = plain
+            out.append(read(str(p)).numpy())
+    xtr, ytr, xte, yte = out
+    return xtr[:, None], ytr, xte[:, None], yte
 
 
-def _torchvision_splits(name: str, root: Path, download: bool):
-    """(train_x uint8 NCHW, train_y, test_x, test_y) as numpy arrays, via torchvision's classes."""
+def _download(name: str, root: Path) -> None:
+    """Let torchvision fetch the dataset into ``root`` (its own layout)."""
     from torchvision import datasets as tvd
 
-    if name in ("mnist", "fashion-mnist"):
-        _gunzip_mnist(name, root)
-        cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-        tr, te = (cls(str(root), train=t, download=download) for t in (True, False))
-        return (tr.data.numpy()[:, None], tr.targets.numpy(),
-                te.data.numpy()[:, None], te.targets.numpy())
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+           "cifar100": tvd.CIFAR100}.get(name)
+    if cls is not None:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    else:
+        for split in ("train", "test"):
+            tvd.SVHN(str(root), split=split, download=True)
+
+
+def _torchvision_splits(name: str, root: Path):
+    """(train_x uint8 NCHW, train_y, test_x, test_y) as numpy arrays, via torchvision."""
+    from torchvision import datasets as tvd
+
+    if name in _MNIST_FOLDERS:
+        return _read_idx_files(find_files(name, root))
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        tr, te = (cls(str(root), train=t, download=download) for t in (True, False))
+        tr, te = (cls(str(root), train=t) for t in (True, False))
         # torchvision holds CIFAR as N×H×W×C; the network wants N×C×H×W.
         return (tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets),
                 te.data.transpose(0, 3, 1, 2), np.asarray(te.targets))
     if name == "svhn":
-        tr, te = (tvd.SVHN(str(root), split=s, download=download) for s in ("train", "test"))
+        tr, te = (tvd.SVHN(str(root), split=s) for s in ("train", "test"))
         return tr.data, tr.labels, te.data, te.labels  # already N×C×H×W; labels 10 → 0
     raise AssertionError(name)
 
@@ -216,33 +298,43 @@ def _digits_splits(test_fraction: float = 0.2, random_state: int = 0):
     return xtr, ytr, xte, yte
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike = "data", download: bool = False,
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  device: str | torch.device = "cpu") -> ImageData:
     """Load dataset ``name`` (both splits) onto ``device`` as uint8 tensors.
 
     Args:
         name: one of :data:`DATASETS` (case and dashes ignored).
-        data_dir: torchvision's ``root``; unused for ``digits``.
-        download: let torchvision download missing files; otherwise a missing dataset raises
-            :class:`DatasetNotFoundError` naming the files expected and where.
+        data_dir: where the files are (torchvision's ``root``; MNIST-style idx files may also lie
+            flat in it). ``None``: ``./data``, else ``/usr/share/datasets/<name>``
+            (:func:`candidate_dirs`). Unused for ``digits``.
+        download: let torchvision download a missing dataset into ``data_dir`` (``./data`` when
+            ``None``); otherwise a missing dataset raises :class:`DatasetNotFoundError` naming
+            every place looked at and the files expected. Only a download writes to disk.
         device: where the tensors live.
 
     Returns:
-        :class:`ImageData` with training-set per-channel statistics.
+        :class:`ImageData` with training-set per-channel statistics; ``source`` says where the
+        files were read from.
     """
     name = canonical_name(name)
     spec = DATASETS[name]
-    root = Path(data_dir)
+    source = None
     if name == "digits":
         arrays, max_value = _digits_splits(), 16.0
     else:
-        if not download and missing_files(name, root):
-            raise _not_found(name, root)
         try:
-            arrays = _torchvision_splits(name, root, download)
-        except (RuntimeError, OSError) as e:  # "Dataset not found or corrupted"; a failed download
-            raise _not_found(name, root, e) from e
-        max_value = 255.0
+            root = locate(name, data_dir)
+        except DatasetNotFoundError:
+            if not download:
+                raise
+            root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+            _download(name, root)
+        try:
+            arrays = _torchvision_splits(name, root)
+        except (RuntimeError, OSError, EOFError, AssertionError, ValueError, TypeError) as e:
+            # torchvision's "Dataset not found or corrupted"; a bad gzip or idx header
+            raise _not_found(name, [root], e) from e
+        max_value, source = 255.0, root
     xtr, ytr, xte, yte = arrays
     dev = torch.device(device)
 
@@ -253,6 +345,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike = "data", download: b
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(dev)
 
     data = ImageData(spec, images(xtr), labels(ytr), images(xte), labels(yte), max_value)
+    data.source = source
     _check_shapes(data)
     return data
 

@@ -48,9 +48,9 @@ from .data import (
     canonical_name,
     first_batch_indices,
     load_dataset,
-    missing_files,
+    locate,
 )
-from .models import MODELS, build_model
+from .models import BASELINES, MODELS, build_model, reinit_
 from .stats import PairedStats, paired_stats, table3_markdown
 from .train import TrainConfig, TrainResult, train
 
@@ -92,7 +92,7 @@ class SweepConfig:
     init_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # init → its keywords
     out: Path = Path("runs/digits")
     device: str = "cpu"
-    data_dir: Path = Path("data")
+    data_dir: Path | None = None  # None: ./data, else /usr/share/datasets/<name>
     download: bool = False
     resume: bool = False
     retry_failed: bool = False  # with resume: rerun runs recorded as failed
@@ -111,6 +111,7 @@ class SweepConfig:
     batch: bool = True  # train the runs of a dataset together as one stacked model (issue 5)
     precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
     backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
+    baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -140,6 +141,7 @@ class RunSpec:
     device_type: str  # "cpu"/"cuda": the data order (randperm) depends on it
     channels_last: bool
     precision: str = "fp32"
+    baseline: str = "torch-default"  # models.BASELINES: the weights both arms start from
 
     @property
     def config(self) -> dict[str, Any]:
@@ -151,7 +153,7 @@ class RunSpec:
         return {"dataset": self.dataset, "arch": self.arch, "init": self.init,
                 "options": _jsonable(dict(self.options)), "train": t,
                 "device_type": self.device_type, "channels_last": self.channels_last,
-                "precision": self.precision, "protocol": PROTOCOL}
+                "precision": self.precision, "baseline": self.baseline, "protocol": PROTOCOL}
 
     @property
     def config_hash(self) -> str:
@@ -210,6 +212,8 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
         if arch not in MODELS:
             raise KeyError(f"unknown model {arch!r} (required by an initialiser); known: "
                            f"{sorted(MODELS)}")
+    if config.baseline not in BASELINES:
+        raise ValueError(f"--baseline must be one of {BASELINES}, got {config.baseline!r}")
     dev = torch.device(config.device).type
     specs = []
     for ds in config.datasets:
@@ -217,12 +221,14 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
         for seed in config.seeds:
             for arch in archs:
                 specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev,
-                                     _channels_last(config, arch), config.precision))
+                                     _channels_last(config, arch), config.precision,
+                                     config.baseline))
             for m in methods:
                 opts = tuple(sorted(config.init_options.get(m, {}).items()))
                 arch = _arch_of(m)
                 specs.append(RunSpec(ds, arch, m, seed, opts, tc, dev,
-                                     _channels_last(config, arch), config.precision))
+                                     _channels_last(config, arch), config.precision,
+                                     config.baseline))
     return specs
 
 
@@ -244,13 +250,16 @@ def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]
     """Build the seed's model and apply the run's initialisation: ``(model, init report)``.
 
     The weights are drawn on the CPU under ``torch.manual_seed(seed)`` (forked RNG), whatever the
-    device, and Pre-Warm and other data-dependent methods see the seed's first training batch
+    device, then re-drawn as ``spec.baseline`` (:func:`prewarm_gpu.models.reinit_`, a CPU
+    generator seeded with the seed) when that is not PyTorch's default. Pre-Warm and other
+    data-dependent methods see the seed's first training batch
     (standardised, plus the raw [0, 1] pixels), with ``generator=seed``.
     """
     s = data.spec
     with _seeded(spec.seed, torch.device("cpu")):
         model = build_model(spec.arch, in_channels=s.in_channels, n_classes=s.n_classes,
                             image_size=s.image_size)
+    reinit_(model, spec.baseline, generator=torch.Generator().manual_seed(spec.seed))
     model = model.to(data.device)
     idx = first_batch_indices(data.train_x.shape[0], spec.train.batch_size, spec.seed, data.device)
     batch = {"images": data.standardise(data.train_x[idx]), "raw": data.raw(data.train_x[idx])}
@@ -653,8 +662,8 @@ def _check_data(config: SweepConfig) -> None:
     if config.download:
         return
     for ds in config.datasets:
-        if missing_files(ds, config.data_dir):
-            load_dataset(ds, data_dir=config.data_dir, download=False, device="cpu")  # raises
+        if ds != "digits":
+            locate(ds, config.data_dir)  # raises, naming every place looked at
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -704,6 +713,8 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                 continue
             data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
                                 device=config.device)
+            if data.source is not None:
+                log(f"{ds}: read from {data.source}")
             update = bar.update if bar is not None else None
             for group in _groups(mine, config.batch):
                 if bar is not None:

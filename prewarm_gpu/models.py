@@ -9,12 +9,14 @@ forward sets in train mode); the trainer then adds ``aux_weight · Σ CE(aux)`` 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["SimpleCNN", "MODELS", "register_model", "build_model", "fc_dim"]
+__all__ = ["SimpleCNN", "MODELS", "BASELINES", "register_model", "build_model", "fc_dim", "reinit_"]
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -107,3 +109,39 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.relu(self.fc1(self.features(x))))
+
+
+# --- the baseline's weights ----------------------------------------------------------------------
+
+BASELINES = ("torch-default", "he-normal", "he-uniform")
+"""What "Kaiming" means for the paired baseline: ``torch-default`` is the model as constructed
+(PyTorch's ``kaiming_uniform_(a=√5)``: std 1/√(3·fan_in), the paper's Listing 2 "right after model
+creation"); ``he-normal`` / ``he-uniform`` are He et al. (2015): std √(2/fan_in), biases zero."""
+
+
+@torch.no_grad()
+def reinit_(model: nn.Module, baseline: str, *, generator: torch.Generator | None = None
+            ) -> nn.Module:
+    """Re-initialise every conv and linear layer of ``model`` as ``baseline`` (:data:`BASELINES`).
+
+    ``he-normal``: ``W ~ N(0, 2/fan_in)``; ``he-uniform``: ``W ~ U(±√(6/fan_in))`` (He et al.,
+    2015, fan-in mode, ReLU gain); biases 0. ``torch-default`` leaves the model as built. Layers
+    are visited in ``model.modules()`` order with ``generator`` (CPU), so a seed fixes the result.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "torch-default":
+        return model
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            fan_in = m.weight[0].numel()
+            std = math.sqrt(2.0 / fan_in)
+            w = torch.empty(m.weight.shape, dtype=m.weight.dtype)
+            if baseline == "he-normal":
+                w.normal_(0.0, std, generator=generator)
+            else:
+                w.uniform_(-math.sqrt(3) * std, math.sqrt(3) * std, generator=generator)
+            m.weight.copy_(w)
+            if m.bias is not None:
+                m.bias.zero_()
+    return model
