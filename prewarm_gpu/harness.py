@@ -51,7 +51,7 @@ from .data import (
     locate,
 )
 from .models import BASELINES, MODELS, build_model, reinit_
-from .stats import PairedStats, paired_stats, table3_markdown
+from .stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
 from .train import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -543,7 +543,8 @@ def summarise(config: SweepConfig, specs: Sequence[RunSpec],
     for ds in config.datasets:
         mine = [s for s in specs if s.dataset == ds]
         entry: dict[str, Any] = {"title": DATASETS[ds].title,
-                                 "train": asdict(config.train_config(ds)), "methods": {},
+                                 "train": asdict(config.train_config(ds)),
+                                 "protocol": _protocol(config, ds), "methods": {},
                                  "failed": [], "missing": []}
         for s in mine:
             rec = by_key[s.key]
@@ -556,6 +557,30 @@ def summarise(config: SweepConfig, specs: Sequence[RunSpec],
             entry["methods"][m] = _method_summary(config, mine, by_key, m)
         out["datasets"][ds] = entry
     return out
+
+
+BASELINE_NAMES = {
+    "torch-default": "PyTorch's default init, kaiming_uniform_(a=√5): std 1/√(3·fan_in)",
+    "he-normal": "He et al. 2015 normal: std √(2/fan_in), biases 0",
+    "he-uniform": "He et al. 2015 uniform: std √(2/fan_in), biases 0",
+}
+
+
+def _protocol(config: SweepConfig, ds: str) -> dict[str, Any]:
+    """What a reader needs to know a table's numbers came from: steps, seeds, precision, device,
+    baseline (the table's caption)."""
+    tc = config.train_config(ds)
+    return {"steps": tc.steps, "batch_size": tc.batch_size, "lr": [tc.lr_start, tc.lr_end],
+            "seeds": list(config.seeds), "precision": config.precision,
+            "device": str(config.device), "baseline": config.baseline}
+
+
+def _caption(title: str, p: dict[str, Any]) -> str:
+    seeds = " ".join(map(str, p["seeds"]))
+    return (f"{title}: {p['steps']} steps, batch {p['batch_size']}, lr {p['lr'][0]:g}→"
+            f"{p['lr'][1]:g}, {len(p['seeds'])} seeds ({seeds}), {p['precision']}, device "
+            f"{p['device']}; \"Kaiming\" is the baseline {p['baseline']} "
+            f"({BASELINE_NAMES[p['baseline']]}).")
 
 
 def _method_summary(config, specs, by_key, method) -> dict[str, Any]:
@@ -597,9 +622,11 @@ def _mean_steps(steps: Sequence[int | None]) -> str:
 
 def render_tables(summary: dict[str, Any]) -> str:
     """Table 3 (Markdown) and the convergence table, with footnotes."""
-    rows, conv, notes = [], [], []
+    rows, conv, notes, captions = [], [], [], []
     target = None
     for entry in summary["datasets"].values():
+        if "protocol" in entry:
+            captions.append(_caption(entry["title"], entry["protocol"]))
         for m, ms in entry["methods"].items():
             arch = "" if ms["arch"] == DEFAULT_ARCH else f" ({ms['arch']})"
             if ms["stats"] is not None:
@@ -613,12 +640,13 @@ def render_tables(summary: dict[str, Any]) -> str:
             notes.append(f"- failed: {f['run']}{step}: {f['error']}")
         if entry["missing"]:
             notes.append(f"- not run yet ({len(entry['missing'])}): {', '.join(entry['missing'])}")
-    parts = [table3_markdown(rows) if rows else "(no finished pairs yet)", "",
+    parts = [table3_markdown(rows) if rows else "(no finished pairs yet)", "", *captions,
+             "",
              "Accuracy: final test accuracy, mean ± sample std (ddof=1) over seeds; Δacc: mean "
              "paired difference (method − Kaiming); Δerr% = −Δacc / (1 − mean Kaiming acc); p: "
-             "one-sided paired t-test (method > Kaiming), * p<0.1, ** p<0.05, *** p<0.01; n/a: "
-             "undefined (fewer than 2 pairs, or every paired difference equal); wins: seeds where "
-             "the method is strictly ahead."]
+             "one-sided paired t-test (method > Kaiming), * p<0.1, ** p<0.05, *** p<0.01, marked "
+             f"only from n ≥ {MIN_PAIRS_FOR_MARKS} pairs; n/a: undefined (fewer than 2 pairs, or "
+             "every paired difference equal); wins: seeds where the method is strictly ahead."]
     if conv:
         parts += ["", f"| Dataset | Method | steps to loss < {target:g}, Kaiming | method |",
                   "| --- | --- | ---: | ---: |", *conv, "",

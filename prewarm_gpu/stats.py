@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-__all__ = ["PairedStats", "paired_stats", "significance", "format_mean_std", "format_p",
-           "table3_markdown"]
+__all__ = ["PairedStats", "paired_stats", "MIN_PAIRS_FOR_MARKS", "significance",
+           "format_mean_std", "format_p", "table3_markdown"]
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,13 @@ def paired_stats(method: Sequence[float], base: Sequence[float]) -> PairedStats:
     )
 
 
-def significance(p: float) -> str:
-    """Table 3's markers: ``*`` p < 0.1, ``**`` p < 0.05, ``***`` p < 0.01."""
-    if math.isnan(p):
+MIN_PAIRS_FOR_MARKS = 5  # fewer pairs: the p-value is printed without significance marks
+
+
+def significance(p: float, n: int = MIN_PAIRS_FOR_MARKS) -> str:
+    """Table 3's markers: ``*`` p < 0.1, ``**`` p < 0.05, ``***`` p < 0.01; none from fewer than
+    :data:`MIN_PAIRS_FOR_MARKS` pairs ``n`` (a t-test on 2–4 pairs is too fragile to star)."""
+    if math.isnan(p) or n < MIN_PAIRS_FOR_MARKS:
         return ""
     return "***" if p < 0.01 else "**" if p < 0.05 else "*" if p < 0.1 else ""
 
@@ -117,9 +121,10 @@ def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def format_p(p: float) -> str:
-    """``0.0109**``; ``n/a`` when undefined (fewer than 2 pairs or zero variance)."""
-    return "n/a" if math.isnan(p) else f"{p:.4f}{significance(p)}"
+def format_p(p: float, n: int = MIN_PAIRS_FOR_MARKS) -> str:
+    """``0.0109**``; ``n/a`` when undefined (fewer than 2 pairs or zero variance); no marks from
+    fewer than :data:`MIN_PAIRS_FOR_MARKS` pairs ``n``."""
+    return "n/a" if math.isnan(p) else f"{p:.4f}{significance(p, n)}"
 
 
 def _signed(x: float, digits: int = 4, suffix: str = "") -> str:
@@ -142,7 +147,7 @@ def table3_markdown(rows: Sequence[tuple[str, str, PairedStats]]) -> str:
         out.append(
             f"| {title} | {method} | {s.n} | {format_mean_std(s.base_mean, s.base_std)} | "
             f"{format_mean_std(s.method_mean, s.method_std)} | {_signed(s.delta_acc)} | "
-            f"{_signed(s.delta_err_pct, 2, '%')} | {format_p(s.p)} | {s.wins}/{s.n} |"
+            f"{_signed(s.delta_err_pct, 2, '%')} | {format_p(s.p, s.n)} | {s.wins}/{s.n} |"
         )
     methods = list(dict.fromkeys(m for _, m, _ in rows))
     for method in methods:

@@ -26,11 +26,12 @@ def _idx(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 12, n_test: int = 6,
+def write_mnist(root: Path, folder: str | None = "MNIST", n_train: int = 12, n_test: int = 6,
                 gz: bool = False, seed: int = 0, images: np.ndarray | None = None):
-    """``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``."""
+    """``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; flat in
+    ``root`` when ``folder`` is None (Debian's package, the authors' release)."""
     rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
+    raw = root if folder is None else root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
@@ -167,6 +168,73 @@ def test_mnist_idx_files_load_through_torchvision(tmp_path, name, folder, gz):
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(d.std.double(), torch.tensor([raw.std()], dtype=torch.float64),
                                atol=1e-6, rtol=0)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("flat", [False, True])
+def test_mnist_style_folder_is_never_written_to(tmp_path, gz, flat):
+    arrays = write_mnist(tmp_path, None if flat else "FashionMNIST", gz=gz)
+    before = _snapshot(tmp_path)
+    modes = {p: p.stat().st_mode for p in [tmp_path, *tmp_path.rglob("*")]}
+    for p in modes:  # read-only, as /usr/share/datasets is for an ordinary user
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        d = D.load_dataset("fashion-mnist", data_dir=tmp_path)
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+    assert _snapshot(tmp_path) == before
+    assert d.source == tmp_path
+    assert torch.equal(d.train_x[:, 0], torch.from_numpy(arrays["train"][0]))
+    assert torch.equal(d.test_y, torch.from_numpy(arrays["t10k"][1].astype(np.int64)))
+
+
+def test_flat_files_load_with_some_gzipped_and_some_not(tmp_path):
+    arrays = write_mnist(tmp_path, None, gz=True)
+    plain = tmp_path / "t10k-images-idx3-ubyte"
+    with gzip.open(plain.with_name(plain.name + ".gz")) as f:
+        plain.write_bytes(f.read())
+    (plain.with_name(plain.name + ".gz")).unlink()
+    d = D.load_dataset("mnist", data_dir=tmp_path)
+    assert torch.equal(d.test_x[:, 0], torch.from_numpy(arrays["t10k"][0]))
+
+
+def test_default_data_dir_is_dot_data_then_the_system_folder(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    arrays = write_mnist(system / "fashion-mnist", None, gz=True, seed=1)
+    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", system)
+    monkeypatch.chdir(tmp_path)
+    d = D.load_dataset("fashion-mnist")  # no ./data: the system folder
+    assert d.source == system / "fashion-mnist"
+    assert torch.equal(d.train_x[:, 0], torch.from_numpy(arrays["train"][0]))
+    local = write_mnist(tmp_path / "data", "FashionMNIST", seed=2)  # ./data wins when present
+    d = D.load_dataset("fashion-mnist")
+    assert d.source == Path("data")
+    assert torch.equal(d.train_x[:, 0], torch.from_numpy(local["train"][0]))
+
+
+def test_missing_data_names_every_place_looked_at(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.load_dataset("fashion-mnist")
+    msg = str(e.value)
+    assert str(tmp_path / "data") in msg and str(tmp_path / "system" / "fashion-mnist") in msg
+    assert "FashionMNIST/raw/train-images-idx3-ubyte" in msg and "flat in" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+
+
+def test_a_corrupt_gzip_is_a_clear_error_naming_the_folder(tmp_path):
+    write_mnist(tmp_path, None, gz=True)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(D.DatasetNotFoundError, match="torchvision said") as e:
+        D.load_dataset("mnist", data_dir=tmp_path)
+    assert str(tmp_path) in str(e.value)
 
 
 @pytest.mark.parametrize("hundred", [False, True])

@@ -47,9 +47,11 @@ def lines(path: Path) -> list[str]:
 # --- pairing --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [42, 2025])
-def test_pair_differs_only_in_conv1s_first_n_clusters_filters(digits, seed):
-    specs = {s.init: s for s in plan_runs(tiny(Path("unused"), seeds=[seed], steps=None))}
+@pytest.mark.parametrize("seed, baseline", [(42, "torch-default"), (2025, "torch-default"),
+                                            (7, "he-normal"), (7, "he-uniform")])
+def test_pair_differs_only_in_conv1s_first_n_clusters_filters(digits, seed, baseline):
+    specs = {s.init: s for s in plan_runs(tiny(Path("unused"), seeds=[seed], steps=None,
+                                               baseline=baseline))}
     rng = torch.get_rng_state()
     kaiming, _ = build_arm(specs["kaiming"], digits)
     prewarm, report = build_arm(specs["prewarm"], digits)
@@ -68,6 +70,27 @@ def test_pair_differs_only_in_conv1s_first_n_clusters_filters(digits, seed):
     again, _ = build_arm(specs["prewarm"], digits)
     for name, v in again.state_dict().items():
         assert torch.equal(v, ps[name]), "same seed must give the same arm"
+
+
+def test_baseline_he_normal_redraws_every_layer_with_std_sqrt_2_over_fan_in(digits):
+    spec = {b: plan_runs(tiny(Path("x"), seeds=[3], baseline=b))[0]
+            for b in ("torch-default", "he-normal")}
+    torch_default, _ = build_arm(spec["torch-default"], digits)
+    he, _ = build_arm(spec["he-normal"], digits)
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        w = getattr(he, name).weight
+        fan_in = w[0].numel()
+        assert not torch.equal(w, getattr(torch_default, name).weight)
+        assert float(getattr(he, name).bias.detach().abs().max()) == 0.0
+        if w.numel() > 10_000:  # enough draws for the std to be within 3 %
+            assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.03)
+    assert spec["he-normal"].key != spec["torch-default"].key
+    assert spec["he-normal"].config["baseline"] == "he-normal"
+
+
+def test_unknown_baseline_is_refused_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="--baseline must be one of"):
+        plan_runs(tiny(tmp_path, baseline="xavier"))
 
 
 def test_different_seeds_give_different_weights(digits):
@@ -126,6 +149,10 @@ def test_sweep_writes_results_summary_table_and_plots(tmp_path):
     assert pw["kaiming_acc"] == [recs[0]["accuracy"], recs[2]["accuracy"]]
     assert (tmp_path / "table.md").read_text().strip() == table.strip()
     assert "| Digits (8×8) | prewarm | 2 |" in table
+    assert ("Digits (8×8): 8 steps, batch 256, lr 0.003→3e-05, 2 seeds (42 7), fp32, device cpu; "
+            "\"Kaiming\" is the baseline torch-default (PyTorch's default init, "
+            "kaiming_uniform_(a=√5)") in table
+    assert "marked only from n ≥ 5 pairs" in table
     for png in ("filters_digits.png", "curves_digits.png"):
         assert (tmp_path / png).stat().st_size > 1000
 

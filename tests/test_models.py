@@ -67,3 +67,22 @@ def test_bad_arguments_are_rejected():
         SimpleCNN(1, 10, 3)
     with pytest.raises(ValueError, match="n_classes"):
         SimpleCNN(1, 0, 8)
+
+
+def test_reinit_he_uniform_draws_within_sqrt_6_over_fan_in_and_is_seeded():
+    import math
+
+    from prewarm_gpu.models import reinit_
+
+    def build(seed):
+        m = SimpleCNN(in_channels=1, n_classes=10, image_size=8)
+        return reinit_(m, "he-uniform", generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = build(0), build(0), build(1)
+    bound = math.sqrt(6 / a.fc1.in_features)
+    assert float(a.fc1.weight.detach().abs().max()) <= bound
+    assert float(a.fc1.weight.detach().abs().max()) > 0.95 * bound  # the whole range is used
+    assert torch.equal(a.conv2.weight, b.conv2.weight)
+    assert not torch.equal(a.conv2.weight, c.conv2.weight)
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        reinit_(a, "orthogonal")

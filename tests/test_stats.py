@@ -97,14 +97,21 @@ def test_significance_markers(p, stars):
     assert significance(p) == stars
 
 
+@pytest.mark.parametrize("n, stars", [(2, ""), (4, ""), (5, "***"), (8, "***")])
+def test_significance_needs_five_pairs(n, stars):
+    assert significance(0.001, n) == stars
+    assert format_p(0.001, n) == "0.0010" + stars
+
+
 def test_table3_markdown_rows_and_mean_row():
     a = paired_stats([0.93, 0.95, 0.94, 0.96], [0.92, 0.93, 0.93, 0.95])
     b = paired_stats([0.9], [0.9])
     table = table3_markdown([("MNIST", "prewarm", a), ("SVHN", "prewarm", b)])
     lines = table.splitlines()
     assert lines[0].startswith("| Dataset | Method | n | Kaiming |")
+    # p = 0.0077 from 4 pairs: printed, but not starred (marks need >= 5 pairs)
     assert "| MNIST | prewarm | 4 | 0.9325 ± 0.0126 | 0.9450 ± 0.0129 | +0.0125 | -18.52% | " \
-           "0.0077*** | 4/4 |" in lines
+           "0.0077 | 4/4 |" in lines
     assert "| SVHN | prewarm | 1 | 0.9000 | 0.9000 | +0.0000 | +0.00% | n/a | 0/1 |" in lines
     mean = [ln for ln in lines if ln.startswith("| Mean | prewarm")]
     assert mean and "| +0.006" in mean[0] and "| -9.26% |" in mean[0]  # (0.0125 + 0) / 2
