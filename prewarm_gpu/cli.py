@@ -9,8 +9,10 @@ Usage::
     prewarm-gpu stats --dataset mnist --data-dir data   # Table 1's derived quantities
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
-2 bad arguments, missing data, or results already in ``--out`` without ``--resume``;
-130 interrupted (finished runs are kept; rerun with ``--resume``).
+2 bad arguments (checked before any training), missing data, an unavailable device, results
+already in ``--out`` without ``--resume``, or ``--resume`` with nothing to resume; 3 an internal
+error (a bug: its traceback is printed; finished runs are kept); 130 interrupted (the message says
+which runs were kept).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,17 @@ _DATA_DIR_HELP = ("where the dataset's files are: torchvision's layout, or MNIST
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--steps 0`` is an error, not "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _datasets(names: list[str]) -> list[str]:
@@ -89,23 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keyword for an initialiser, e.g. prewarm.scale=0.25 (repeatable; the "
                    "value is read as JSON, else as a string)")
     r.add_argument("--bank", metavar="FILE", help="filter bank for 'filterbank' (option bank=FILE)")
-    r.add_argument("--steps", type=int, help="training steps N (default: Table 1's 5000; "
+    r.add_argument("--steps", type=_positive_int, help="training steps N (default: Table 1's 5000; "
                    "digits: 150)")
-    r.add_argument("--batch-size", type=int, default=256, help="(256, §3.3)")
+    r.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
     r.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
     r.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
     r.add_argument("--aux-weight", type=float, default=0.3,
                    help="weight of auxiliary-head losses, for models that have them (0.3)")
     r.add_argument("--target-loss", type=float, default=0.5,
                    help="report the steps until the training loss falls below this (0.5)")
-    r.add_argument("--eval-points", type=int, default=10,
+    r.add_argument("--eval-points", type=_positive_int, default=10,
                    help="test-accuracy checkpoints per run, for the curves (10)")
     r.add_argument("--device", default=_default_device(),
                    help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--threads", type=int,
-                   help="CPU threads for torch (default on a CPU device: half the logical CPUs, "
-                   "at least 1 — small convs gain little from more, and oversubscribed OpenMP "
-                   "threads slow down tenfold on a busy machine)")
+    r.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for torch (default on a CPU device: every core this "
+                   "process may use, os.sched_getaffinity; recorded with each run)")
     r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="single-run trainer: keep the model in NCHW (default: channels_last)")
     r.add_argument("--no-batch", dest="batch", action="store_false",
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=Path, default=None, help=_DATA_DIR_HELP)
     s.add_argument("--download", action="store_true")
     s.add_argument("--device", default=_default_device())
-    s.add_argument("--n-filters", type=int, default=32, help="F, conv1's filters (32)")
+    s.add_argument("--n-filters", type=_positive_int, default=32, help="F, conv1's filters (32)")
 
     fb = sub.add_parser("filterbank", help="clustered filter banks of trained models (Ulm et al.)")
     fbs = fb.add_subparsers(dest="fb_command", required=True)
@@ -158,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="the bank file to write")
     b.add_argument("--dataset", default=None, help="only models of this dataset")
     b.add_argument("--init", default=None, help="only models of this initialisation")
-    b.add_argument("--n-clusters", type=int, default=3, help="centres per layer (3)")
+    b.add_argument("--n-clusters", type=_positive_int, default=3, help="centres per layer (3)")
     b.add_argument("--variant", choices=["euclidean", "fourier"], default="euclidean",
                    help="cluster kernels as they are, or the real part of their 2-D FFT "
                    "(their code's 'fourier': point-symmetric centres)")
@@ -207,11 +220,9 @@ def _sweep_config(args: argparse.Namespace):
     )
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _reproduce(args: argparse.Namespace, config) -> int:
     from .harness import RESULTS, SUMMARY, run_sweep
 
-    config = _sweep_config(args)
-    args.out = config.out  # for the interruption message
     table = run_sweep(config)
     print(table, flush=True)
     print(f"\nresults: {config.out / RESULTS}, {SUMMARY}, table.md", file=sys.stderr)
@@ -278,13 +289,46 @@ def _stats(args: argparse.Namespace) -> int:
 
 # --- entry point ---------------------------------------------------------------------------------
 
+def _cores() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; a container's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _threads(args: argparse.Namespace) -> int | None:
-    """``--threads``, else half the logical CPUs for a CPU device (else leave torch's default)."""
+    """``--threads``, else every core this process may use for a CPU device (else torch's
+    default). Each run records the count it trained with (``env.torch_threads``)."""
     if getattr(args, "threads", None):
         return args.threads
     if torch.device(getattr(args, "device", "cpu")).type == "cpu":
-        return max(1, (os.cpu_count() or 2) // 2)
+        return _cores()
     return None
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` parsed and present, or a :class:`UsageError` in one line."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {name!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: only cpu, cuda and mps are supported")
+    return dev
+
+
+class UsageError(ValueError):
+    """A bad argument, found before any work: exit 2."""
 
 
 def _on_sigterm(signum, frame):  # a kill ends the sweep like Ctrl-C: finished runs are on disk
@@ -295,32 +339,84 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=file or sys.stderr, flush=True)
 
 
+def _prepare(args: argparse.Namespace):
+    """Every check that needs no work, then the command to run (a zero-argument callable).
+    Raises what :data:`_USER_ERRORS` lists for bad arguments, missing data or a bad ``--out``."""
+    if hasattr(args, "device"):
+        check_device(args.device)
+    if args.command == "filterbank":
+        from .methods.filterbank import run_models
+
+        if not run_models(args.runs, args.dataset, args.init):
+            raise UsageError(f"no trained models in {args.runs / 'models'} (looked for "
+                             f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
+                             f"init={args.init!r}); run reproduce --save-models first")
+        return lambda: _filterbank(args)
+    if args.command == "stats":
+        from .data import locate
+
+        names = _datasets(args.dataset)
+        if not args.download:
+            for n in names:
+                if n != "digits":
+                    locate(n, args.data_dir)
+        return lambda: _stats(args)
+    from .harness import prepare_sweep
+
+    config, _ = prepare_sweep(_sweep_config(args))
+    args.out = config.out
+    return lambda: _reproduce(args, config)
+
+
+def _user_errors():
+    from .harness import NothingToResumeError, ResultsExistError
+
+    return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError)
+
+
+def _error(e: BaseException) -> int:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"prewarm-gpu: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console script ``prewarm-gpu`` (and ``python -m prewarm_gpu``)."""
+    """Console script ``prewarm-gpu`` (and ``python -m prewarm_gpu``).
+
+    Arguments are checked first (exit 2, one line, nothing written); then the command runs, and
+    an exception that is not a user error is an internal error (exit 3, with its traceback).
+    """
     args = build_parser().parse_args(argv)
     threads, old_threads = _threads(args), torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    from .harness import ResultsExistError
-
     old_showwarning, old_sigterm = warnings.showwarning, signal.getsignal(signal.SIGTERM)
     warnings.showwarning = _show_warning
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "filterbank":
-            return _filterbank(args)
-        return _reproduce(args) if args.command == "reproduce" else _stats(args)
-    except (ResultsExistError, DatasetNotFoundError, KeyError, ValueError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"prewarm-gpu: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        where = f" in {out}" if out else ""
-        print(f"\nprewarm-gpu: interrupted; every finished run is kept{where} (results.jsonl). "
-              "Run the same command with --resume to complete the sweep.", file=sys.stderr)
+        try:
+            command = _prepare(args)
+        except (*_user_errors(), KeyError, ValueError, ImportError) as e:
+            return _error(e)  # everything here is about the arguments, the data or --out
+        if threads:
+            torch.set_num_threads(threads)
+        return command()
+    except _user_errors() as e:
+        return _error(e)
+    except KeyboardInterrupt as e:
+        from .harness import SweepInterrupted
+
+        if isinstance(e, SweepInterrupted):
+            print(f"\nprewarm-gpu: interrupted. {e}", file=sys.stderr)
+        else:
+            print("\nprewarm-gpu: interrupted.", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 — a bug: say so, keep the traceback, distinct exit code
+        traceback.print_exc()
+        out = getattr(args, "out", None)
+        kept = f"; finished runs are kept in {out}" if out and args.command == "reproduce" else ""
+        print(f"prewarm-gpu: internal error (a bug, please report it with the traceback above)"
+              f"{kept}", file=sys.stderr)
+        return 3
     finally:
         torch.set_num_threads(old_threads)
         warnings.showwarning = old_showwarning

@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,6 +61,8 @@ __all__ = [
     "SweepConfig",
     "RunSpec",
     "ResultsExistError",
+    "NothingToResumeError",
+    "SweepInterrupted",
     "plan_runs",
     "build_arm",
     "run_one",
@@ -67,7 +70,9 @@ __all__ = [
     "append_result",
     "summarise",
     "render_tables",
+    "prepare_sweep",
     "run_sweep",
+    "repair_results",
     "environment",
 ]
 
@@ -117,7 +122,7 @@ class SweepConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
         spec = DATASETS[dataset]
         return TrainConfig(
-            steps=self.steps or spec.steps,
+            steps=spec.steps if self.steps is None else self.steps,  # 0 is refused, not 150
             batch_size=self.batch_size,
             lr_start=spec.lr_start if self.lr_start is None else self.lr_start,
             lr_end=spec.lr_end if self.lr_end is None else self.lr_end,
@@ -199,6 +204,7 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
     interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed)."""
     for init in config.inits:
         initializers.get(init)  # KeyError listing the known names
+        initializers.check_options(init, config.init_options.get(init, {}))  # typos: now
     if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
         raise ValueError(f"seeds must be non-negative ints, got {config.seeds}")
     if len(set(config.seeds)) != len(config.seeds):
@@ -285,24 +291,43 @@ class _StepCounter:
         self(total - self.done)
 
 
+# What a run may raise and still be only a failed run (the sweep goes on, the record keeps the
+# traceback). An initialiser refuses its input with ValueError/TypeError (house style); training
+# fails with RuntimeError (out of memory, a CUDA error) or ArithmeticError. Anything else
+# (AttributeError, KeyError, IndexError, …) is a bug: it ends the sweep with its traceback.
+INIT_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError)
+TRAIN_ERRORS = (RuntimeError, ArithmeticError)
+
+
+def _failed(stage: str, e: BaseException) -> TrainResult:
+    return TrainResult("failed", None, error=f"{stage}{type(e).__name__}: {e}",
+                       traceback=traceback.format_exc())
+
+
 def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
             save_to: Path | None = None) -> dict[str, Any]:
-    """Build, initialise and train one run; the ``results.jsonl`` record (never raises for a failed
-    run: an exception or a NaN/Inf loss gives ``status="failed"`` with the error)."""
+    """Build, initialise and train one run; the ``results.jsonl`` record. An initialiser's
+    :data:`INIT_ERRORS`, a training :data:`TRAIN_ERRORS` or a NaN/Inf loss give
+    ``status="failed"`` with the error (and traceback); any other exception propagates."""
     t0 = time.perf_counter()
     report: dict[str, Any] = {}
     step_progress = _StepCounter(progress)
+    init_seconds = None
     try:
         model, report = build_arm(spec, data)
+    except INIT_ERRORS as e:
+        result = _failed("", e)
+    else:
         init_seconds = time.perf_counter() - t0
         if spec.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        result = train(model, data, spec.train, seed=spec.seed, progress=step_progress)
+        try:
+            result = train(model, data, spec.train, seed=spec.seed, progress=step_progress)
+        except TRAIN_ERRORS as e:
+            result = _failed("training: ", e)
         if save_to is not None and result.status == "ok":
             _save_model(model, save_to)
-    except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
-        init_seconds = None
-        result = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
+    if result.status != "ok":
         step_progress.finish(spec.train.steps)
     return _record(spec, result, report, init_seconds, time.perf_counter() - t0)
 
@@ -313,8 +338,9 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
     """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
     together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
 
-    A run whose initialisation raises is recorded as failed alone; if the batched training itself
-    raises, every run of the batch is recorded as failed with the error (the sweep goes on)."""
+    A run whose initialisation raises one of :data:`INIT_ERRORS` is recorded as failed alone; if
+    the batched training raises one of :data:`TRAIN_ERRORS`, every run of the batch is recorded as
+    failed with the error (the sweep goes on). Other exceptions propagate."""
     from .batched import train_batched
 
     records: dict[str, dict[str, Any]] = {}
@@ -324,9 +350,8 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
         try:
             model, report = build_arm(spec, data)
             built.append((spec, model, report, time.perf_counter() - t0))
-        except Exception as e:  # noqa: BLE001 — a broken run must not end the sweep
-            err = TrainResult("failed", None, error=f"{type(e).__name__}: {e}")
-            records[spec.key] = _record(spec, err, {}, None, time.perf_counter() - t0)
+        except INIT_ERRORS as e:
+            records[spec.key] = _record(spec, _failed("", e), {}, None, time.perf_counter() - t0)
             _StepCounter(progress).finish(spec.train.steps)
     if built:
         step_progress = _StepCounter(progress)
@@ -335,9 +360,8 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
                                     seeds=[b[0].seed for b in built],
                                     precision=built[0][0].precision, backend=backend,
                                     progress=step_progress)
-        except Exception as e:  # noqa: BLE001
-            results = [TrainResult("failed", None, error=f"batched training: "
-                                   f"{type(e).__name__}: {e}") for _ in built]
+        except TRAIN_ERRORS as e:
+            results = [_failed("batched training: ", e) for _ in built]
             step_progress.finish(sum(b[0].train.steps for b in built))
         for (spec, model, report, init_s), r in zip(built, results, strict=True):
             if save_dir is not None and r.status == "ok":
@@ -394,6 +418,7 @@ def _record(spec: RunSpec, r: TrainResult, report: dict, init_seconds, seconds) 
         "config_hash": spec.config_hash,
         "status": r.status,
         "error": r.error,
+        "traceback": r.traceback,
         "failed_step": r.failed_step,
         "accuracy": r.accuracy,
         "steps_to_target": r.steps_to_target,
@@ -494,6 +519,38 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             continue
         records.append(rec)
     return records
+
+
+def repair_results(path: Path) -> int:
+    """Move every corrupt or truncated line of ``results.jsonl`` to ``results.jsonl.torn``
+    (appended) and rewrite the file atomically without them, so that it is valid JSON lines again.
+    Returns the number of lines moved (0: the file is left as it is)."""
+    if not path.exists():
+        return 0
+    good, bad = [], []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and "key" in rec
+        except ValueError:
+            ok = False
+        (good if ok else bad).append(line)
+    if not bad:
+        return 0
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(b"".join(b + b"\n" for b in bad))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(b + b"\n" for b in good))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(bad)
 
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
@@ -677,12 +734,25 @@ def write_summary(config: SweepConfig, specs: Sequence[RunSpec], records, env) -
 
 # --- the sweep -----------------------------------------------------------------------------------
 
+class NothingToResumeError(FileNotFoundError):
+    """``--resume`` was given but ``--out`` holds no finished run."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or a kill during a sweep; ``str()`` says exactly what was kept and what was lost."""
+
+
 def _check_out(config: SweepConfig) -> None:
     path = config.out / RESULTS
-    if path.exists() and path.stat().st_size > 0 and not config.resume:
+    has_results = path.exists() and path.stat().st_size > 0
+    if has_results and not config.resume:
         raise ResultsExistError(
             f"{path} already holds results; pass --resume to complete that sweep (only missing "
             f"runs are run), or choose another --out. Nothing was overwritten.")
+    if config.resume and not has_results:
+        raise NothingToResumeError(
+            f"--resume: {config.out} holds no finished run ({RESULTS} is missing or empty), so "
+            "there is nothing to resume. Check --out, or drop --resume to start the sweep.")
 
 
 def _check_data(config: SweepConfig) -> None:
@@ -704,6 +774,22 @@ def _progress_bar(total: int, enabled: bool):
                 mininterval=0.5 if tty else 10.0, smoothing=0.05, file=sys.stderr)
 
 
+def prepare_sweep(config: SweepConfig) -> tuple[SweepConfig, list[RunSpec]]:
+    """Every check that needs no training, in the order a user would want the errors: the plan
+    (names, options, seeds, steps), the output folder, matplotlib for ``--plot``, the data.
+
+    Returns the normalised config and its runs. Raises the errors :func:`run_sweep` documents.
+    """
+    config = replace(config, datasets=[canonical_name(d) for d in config.datasets],
+                     out=Path(config.out))
+    specs = plan_runs(config)
+    _check_out(config)
+    if config.plot:
+        _import_pyplot()  # fail now, not after training
+    _check_data(config)
+    return config, specs
+
+
 def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
               after_run: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Run every missing run of the sweep, writing results as they finish; return the tables.
@@ -715,25 +801,28 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
 
     Raises:
         ResultsExistError: ``results.jsonl`` exists and ``config.resume`` is false.
+        NothingToResumeError: ``config.resume`` but no finished run in ``config.out``.
         DatasetNotFoundError: a dataset is missing and ``config.download`` is false.
+        ValueError, KeyError: a bad name, option, seed or step count (before any training).
+        SweepInterrupted: Ctrl-C or SIGTERM (via the CLI); its message says what was kept.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    config = replace(config, datasets=[canonical_name(d) for d in config.datasets],
-                     out=Path(config.out))
-    specs = plan_runs(config)
-    _check_out(config)
-    if config.plot:
-        _import_pyplot()  # fail now, not after training
-    _check_data(config)
+    config, specs = prepare_sweep(config)
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / RESULTS
+    moved = repair_results(path)
+    if moved:
+        log(f"moved {moved} corrupt or truncated line(s) of {path} to {path.name}.torn; those "
+            "runs will be run again")
     records = read_results(path)
     latest = _latest(records)
     todo = [s for s in specs if not _done(latest.get(s.key), config.retry_failed)]
     env = environment(config.device)
-    if len(todo) < len(specs):
-        log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}")
+    if config.resume:
+        log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "
+            f"running the other {len(todo)}")
     bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
+    state = {"written": 0, "in_flight": []}
     try:
         for ds in config.datasets:
             mine = [s for s in todo if s.dataset == ds]
@@ -745,6 +834,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                 log(f"{ds}: read from {data.source}")
             update = bar.update if bar is not None else None
             for group in _groups(mine, config.batch):
+                state["in_flight"] = group
                 if bar is not None:
                     bar.set_postfix_str(group[0].label if len(group) == 1 else
                                         f"{ds}: {len(group)} runs batched", refresh=False)
@@ -760,14 +850,20 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                     rec["env"] = env
                     append_result(path, rec)
                     records.append(rec)
+                    state["written"] += 1
+                    state["in_flight"] = [s for s in state["in_flight"] if s is not spec]
                     if rec["status"] != "ok":
                         log(f"run failed: {spec.label}: {rec['error']}")
                     if after_run is not None:
                         after_run(rec)
+                state["in_flight"] = []
                 write_summary(config, specs, records, env)
             if config.plot:
                 plot_filters(config, specs, data)
             del data
+    except KeyboardInterrupt as e:
+        write_summary(config, specs, records, env)
+        raise SweepInterrupted(_interrupted(config, specs, records, state)) from e
     finally:
         if bar is not None:
             bar.close()
@@ -775,6 +871,26 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
     if config.plot:
         plot_curves(config, specs, records)
     return table
+
+
+def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) -> str:
+    """What an interruption kept and lost, exactly."""
+    latest = _latest(records)
+    kept = sum(1 for s in specs if s.key in latest)
+    path = config.out / RESULTS
+    parts = [f"{kept} of {len(specs)} runs are finished and kept in {path} "
+             f"({state['written']} written by this command)."]
+    lost = state["in_flight"]
+    if lost:
+        what = f"the run in flight ({lost[0].label})" if len(lost) == 1 else \
+            f"the {len(lost)} runs training together in flight ({lost[0].dataset}, batched)"
+        parts.append(f"Lost: {what}; it starts again from step 0." if len(lost) == 1 else
+                     f"Lost: {what}; they start again from step 0.")
+    if kept:
+        parts.append("Run the same command with --resume to complete the sweep.")
+    else:
+        parts.append("Nothing to resume: run the same command again (without --resume).")
+    return " ".join(parts)
 
 
 def _done(rec: dict[str, Any] | None, retry_failed: bool) -> bool:

@@ -272,7 +272,8 @@ def prewarm_(
         patch_size: defaults to the kernel size; larger patches are clustered and their centroids
             centre-cropped to the kernel (§4.3) before steps 4-5, so the written filters still
             have std σ; smaller ones are an error.
-        raw_images: raw [0, 1] pixels for the rules (default ``images``); used only when
+        raw_images: raw [0, 1] pixels for the rules (default ``images``): the same batch, or more
+            images of the same (C, H, W), e.g. the whole training split; used only when
             ``n_patches="auto"``, with a warning when the values leave [0, 1].
         kmeans_options: keywords for :class:`~prewarm_gpu.MiniBatchKMeans` other than
             ``n_clusters``, ``init`` and ``random_state`` (default: Listing 1's ``n_init=3`` and
@@ -351,6 +352,10 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     rule, stat, tau = "given", None, None
     if raw_images is not None and not isinstance(raw_images, torch.Tensor):
         raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
+    if raw_images is not None and (raw_images.ndim != 4 or raw_images.shape[1:] != x.shape[1:]):
+        raise ValueError(f"raw_images must be images of the same shape as images' "
+                         f"{tuple(x.shape[1:])} (any number of them); got "
+                         f"{tuple(raw_images.shape)}")
     if n_patches == "auto":
         raw = images if raw_images is None else raw_images
         if raw.ndim != 4 or raw.shape[1] != C or raw.numel() == 0:

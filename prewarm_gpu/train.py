@@ -56,6 +56,7 @@ class TrainResult:
     accuracy: float | None  # final test accuracy
     failed_step: int | None = None  # first step (1-based) whose loss was NaN/Inf
     error: str | None = None
+    traceback: str | None = None  # of the exception that failed the run, if one did
     loss_steps: list[int] = field(default_factory=list)  # curve points (steps done)
     loss: list[float] = field(default_factory=list)  # mean training loss of each window
     acc_steps: list[int] = field(default_factory=list)  # 0 (at init) … N

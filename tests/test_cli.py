@@ -142,3 +142,87 @@ def test_killed_sweep_keeps_finished_runs_and_resume_completes_it(tmp_path):
     recs = [json.loads(ln) for ln in results.read_text().splitlines()]
     assert len(recs) == 4 and len({r["key"] for r in recs}) == 4
     assert recs[: len(kept)] == kept  # the finished runs were not redone
+
+
+# --- what a new user meets (issue 13) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-5"),
+                                         ("--eval-points", "0"), ("--threads", "0")])
+def test_non_positive_counts_are_refused_not_replaced(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", flag, value, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_init_option_typo_is_exit_2_before_any_training(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = cli.main(["reproduce", "--init-option", "prewarm.scle=0.3", "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "prewarm has no option 'scle' (did you mean 'scale'?)" in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_an_unavailable_device_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = cli.main(["reproduce", "--device", "cuda", "--out", str(out), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("prewarm-gpu: error: --device cuda: no CUDA device")
+    assert "\n" not in err and not out.exists()
+    assert cli.main(["stats", "--device", "cuda"]) == 2
+
+
+def test_resume_of_a_new_folder_is_exit_2(tmp_path, capsys):
+    code = cli.main(["reproduce", "--resume", "--out", str(tmp_path / "typo"), *FAST])
+    assert code == 2 and "nothing to resume" in capsys.readouterr().err
+
+
+def test_an_internal_error_keeps_its_traceback_and_exits_3(tmp_path, capsys, monkeypatch):
+    from prewarm_gpu import harness
+
+    def bug(*a, **k):
+        return {}["no such key"]
+
+    monkeypatch.setattr(harness, "run_sweep", bug)
+    code = cli.main(["reproduce", "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback (most recent call last)" in err
+    assert "KeyError: 'no such key'" in err and "internal error" in err
+
+
+def test_an_interrupted_batch_says_exactly_what_was_kept(tmp_path, capsys, monkeypatch):
+    from prewarm_gpu import batched
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batched, "train_batched", interrupt)
+    code = cli.main(["reproduce", "--seeds", "42", "7", "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "0 of 4 runs are finished and kept" in err
+    assert "Lost: the 4 runs training together in flight" in err
+    assert "every finished run is kept" not in err
+
+
+def test_threads_default_to_the_usable_cores_and_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    args = cli.build_parser().parse_args(["reproduce", "--device", "cpu"])
+    assert cli._threads(args) == 3
+    args = cli.build_parser().parse_args(["reproduce", "--threads", "1"])
+    assert cli._threads(args) == 1
+    out = tmp_path / "o"
+    assert cli.main(["reproduce", "--seeds", "42", "--threads", "1", "--out", str(out),
+                     *FAST]) == 0
+    recs = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["env"]["torch_threads"] for r in recs} == {1}
+
+
+def test_the_printed_table_states_its_protocol(tmp_path, capsys):
+    assert cli.main(["reproduce", "--seeds", "42", "7", "--out", str(tmp_path / "o"),
+                     *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "Digits (8×8): 6 steps, batch 256" in out and "2 seeds (42 7), fp32, device cpu" in out
+    assert "baseline torch-default" in out

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -178,9 +179,12 @@ def test_interrupted_sweep_resumes_only_missing_runs_and_survives_a_truncated_li
         return hook, seen
 
     hook, _ = interrupt_after(3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         run_sweep(tiny(tmp_path), after_run=hook)
     assert len(lines(path)) == 3  # every finished run kept
+    assert isinstance(e.value, harness.SweepInterrupted)
+    assert str(e.value).startswith(f"3 of 4 runs are finished and kept in {path} (3 written")
+    assert "--resume" in str(e.value)
 
     ran = []
     run_sweep(tiny(tmp_path, resume=True), after_run=lambda r: ran.append((r["init"], r["seed"])))
@@ -192,13 +196,60 @@ def test_interrupted_sweep_resumes_only_missing_runs_and_survives_a_truncated_li
     text = path.read_text()
     path.write_text(text[: len(text) - 40])
     ran.clear()
-    with pytest.warns(UserWarning, match="truncated last line"):
-        table = run_sweep(tiny(tmp_path, resume=True),
-                          after_run=lambda r: ran.append((r["init"], r["seed"])))
+    logged = []
+    table = run_sweep(tiny(tmp_path, resume=True), log=logged.append,
+                      after_run=lambda r: ran.append((r["init"], r["seed"])))
     assert ran == [("prewarm", 7)] and "| Digits (8×8) | prewarm | 2 |" in table
-    with pytest.warns(UserWarning, match="line 4"):
-        recs = read_results(path)  # the cut line stays, on its own line, and is skipped
+    assert any("moved 1 corrupt or truncated line" in m for m in logged)
+    torn = tmp_path / "results.jsonl.torn"
+    assert torn.read_text() == text[: len(text) - 40].splitlines()[-1] + "\n"
+    for ln in lines(path):  # valid JSON lines again: any reader can read every line
+        json.loads(ln)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recs = read_results(path)
     assert len(recs) == 4 and len({r["key"] for r in recs}) == 4
+
+
+def test_interrupting_a_batch_says_the_batch_in_flight_was_lost(tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("prewarm_gpu.batched.train_batched", interrupt)
+    with pytest.raises(harness.SweepInterrupted) as e:
+        run_sweep(tiny(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("0 of 4 runs are finished and kept")
+    assert "Lost: the 4 runs training together in flight (digits, batched)" in msg
+    assert "Nothing to resume: run the same command again (without --resume)" in msg
+
+
+def test_resume_of_a_folder_without_results_is_refused(tmp_path):
+    with pytest.raises(harness.NothingToResumeError, match="nothing to resume"):
+        run_sweep(tiny(tmp_path / "new", resume=True))
+    assert not (tmp_path / "new").exists()
+
+
+def test_steps_zero_is_refused_not_replaced_by_the_default(tmp_path):
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1, got 0"):
+        run_sweep(tiny(tmp_path, steps=0))
+
+
+def test_an_init_option_typo_is_refused_before_any_training(tmp_path):
+    with pytest.raises(ValueError, match="prewarm has no option 'scle' .did you mean 'scale'"):
+        run_sweep(tiny(tmp_path, init_options={"prewarm": {"scle": 0.3}}))
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_a_programming_error_in_an_initialiser_is_not_a_failed_row(tmp_path, monkeypatch):
+    def buggy(model, *, data=None, generator=None, **options):
+        return model.no_such_attribute
+
+    monkeypatch.setitem(initializers.INITIALIZERS, "buggy", buggy)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        run_sweep(tiny(tmp_path, inits=["kaiming", "buggy"], batch=False, seeds=[42]))
+    recs = read_results(tmp_path / "results.jsonl")
+    assert [r["init"] for r in recs] == ["kaiming"]  # the finished run is kept
 
 
 def test_read_results_skips_garbage(tmp_path):
@@ -228,6 +279,7 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert recs["nan_init"]["status"] == "failed" and recs["nan_init"]["failed_step"] == 1
     assert recs["nan_init"]["init_report"] == {"why": None}  # NaN never reaches the JSON
     assert recs["broken"]["error"] == "RuntimeError: initialiser exploded"
+    assert 'raise RuntimeError("initialiser exploded")' in recs["broken"]["traceback"]
     assert "failed: digits nan_init seed 42 at step 1" in table
     assert "failed: digits broken seed 42: RuntimeError: initialiser exploded" in table
     ran = []

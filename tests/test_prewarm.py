@@ -164,6 +164,18 @@ def test_raw_images_outside_unit_range_warn():
         prewarm_(Net(), x, raw_images=(x * 255).round(), generator=0)
 
 
+@pytest.mark.parametrize("n_patches", ["auto", 9])
+def test_raw_images_of_another_batch_shape_are_refused_and_the_model_is_untouched(n_patches):
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(64, 1, 8, 8, generator=_gen())
+    with pytest.raises(ValueError, match=r"raw_images must be images of the same shape as "
+                       r"images' \(1, 8, 8\) \(any number of them\); got \(5, 1, 4, 8\)"):
+        prewarm_(net, x, raw_images=torch.rand(5, 1, 4, 8), n_patches=n_patches, generator=0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_conditioned_init_more_clusters_than_filters_like_listing_1(digits_images):
     # Listing 1 clusters and normalises all n_clusters, then copies the first out_channels: the
     # same as the first 8 of 16 filters written into a wider conv from the same seed.

@@ -354,7 +354,7 @@ def datadep_(
     }
 
 
-@register("datadep")
+@register("datadep", options_of=datadep_)
 def datadep(model: nn.Module, *, data=None, generator=None, **options) -> dict[str, Any]:
     """Krähenbühl et al. (:func:`datadep_`) on ``data``; options are ``datadep_``'s keywords."""
     images = require_images(data, "datadep", model_device(model))
@@ -373,4 +373,4 @@ def _fixed(variant: str):
 
 
 for _v in VARIANTS:
-    register(f"datadep_{_v}")(_fixed(_v))
+    register(f"datadep_{_v}", options_of=datadep_, fixed=("variant",))(_fixed(_v))

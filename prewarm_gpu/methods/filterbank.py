@@ -162,7 +162,7 @@ def build_bank(
             "n_models": len(dicts), "layers": out}
 
 
-def _run_models(run_dir: str | os.PathLike, dataset: str | None, init: str | None) -> list[Path]:
+def run_models(run_dir: str | os.PathLike, dataset: str | None, init: str | None) -> list[Path]:
     """``<run_dir>/models/<dataset>-<init>-<seed>.pt`` files, filtered by dataset and init."""
     files = sorted(Path(run_dir, "models").glob("*.pt"))
     picked = []
@@ -188,7 +188,7 @@ def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = No
         **options: :func:`build_bank`'s keywords (``n_clusters``, ``variant``, ``layers``,
             ``generator``).
     """
-    files = _run_models(run_dir, dataset, init)
+    files = run_models(run_dir, dataset, init)
     if not files:
         raise ValueError(
             f"no trained models in {Path(run_dir, 'models')} (looked for "
@@ -292,7 +292,7 @@ def filterbank_(
             "std": stds}
 
 
-@register("filterbank")
+@register("filterbank", options_of=filterbank_)
 def filterbank(model: nn.Module, *, data=None, generator=None, bank=None,
                **options) -> dict[str, Any]:
     """Clustered filters (:func:`filterbank_`); needs ``bank=`` (path or bank), not data.

@@ -136,7 +136,7 @@ def _first_conv(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
     raise ValueError(f"gabor: {type(model).__name__} has no Conv2d layer")
 
 
-@register("gabor")
+@register("gabor", options_of=RANGES)
 def gabor(model: nn.Module, *, data=None, generator=None, layer: str | None = None,
           **ranges) -> dict[str, Any]:
     """Gabor bank (:func:`gabor_`) in the first Conv2d (registration order) or the named ``layer``.

@@ -162,7 +162,7 @@ def lion_dg(model: nn.Module, *, data=None, generator=None, heads=None) -> dict[
     return lion_dg_(model, heads=heads, generator=generator)
 
 
-@register("lsuv_lion_dg")
+@register("lsuv_lion_dg", options_of=lsuv_)
 def lsuv_lion_dg(model: nn.Module, *, data=None, generator=None, heads=None,
                  exclude: Iterable[str] = (), **lsuv_options) -> dict[str, Any]:
     """LSUV (:func:`~prewarm_gpu.methods.lsuv.lsuv_`) but the heads' last layers, then zero them.

@@ -153,7 +153,7 @@ def lsuv_(
     }
 
 
-@register("lsuv")
+@register("lsuv", options_of=lsuv_)
 def lsuv(model: nn.Module, *, data=None, generator=None, **options) -> dict[str, Any]:
     """LSUV (:func:`lsuv_`) on ``data``.
 
