@@ -23,16 +23,19 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from .data import ImageData, epoch_stream
-from .train import TrainConfig, TrainResult, curve_steps
+from .checkpoint import Checkpointer
+from .data import EpochStream, ImageData
+from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
-__all__ = ["train_batched", "PRECISIONS"]
+__all__ = ["train_batched", "choose_backend", "PRECISIONS", "BACKENDS", "MEASURED"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -66,9 +69,6 @@ def _check_models(models: list[nn.Module], seeds: list[int], device: torch.devic
                 [(n, tuple(p.shape)) for n, p in m.state_dict().items()] != shapes:
             raise ValueError("batched training needs models of one architecture")
     for m in models:
-        if hasattr(m, "aux_logits"):
-            raise ValueError(f"{type(m).__name__} has auxiliary heads; train it with the "
-                             "single-run trainer (--no-batch)")
         for p in m.parameters():
             if p.device != device:
                 raise ValueError(f"a model is on {p.device} but the data is on {device}")
@@ -154,7 +154,16 @@ def _grouped_ok(models: list[nn.Module]) -> bool:
     return type(models[0]) is SimpleCNN
 
 
-class _VmapStack:
+class _StackedLoss:
+    """``train_loss`` of the stacks that produce (R, B, classes) logits (no auxiliary heads)."""
+
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor,
+                   aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        per_run = _per_run_loss(self.train_logits(x).float(), y)
+        return per_run, per_run
+
+
+class _VmapStack(_StackedLoss):
     """Any architecture: ``stack_module_state`` + ``functional_call`` under ``vmap``."""
 
     def __init__(self, models: list[nn.Module]):
@@ -167,6 +176,14 @@ class _VmapStack:
     def train_logits(self, x: torch.Tensor) -> torch.Tensor:  # x (R, B, C, H, W)
         self.base.train()
         return torch.vmap(self._one, in_dims=(0, 0, 0))(self.params, self.buffers, x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": dict(self.params), "buffers": dict(self.buffers)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, t in (*state["params"].items(), *state["buffers"].items()):
+            (self.params if name in self.params else self.buffers)[name].copy_(t)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:  # x (M, C, H, W), shared
         self.base.eval()
@@ -187,7 +204,7 @@ class _VmapStack:
                 b.copy_(self.buffers[name][r])
 
 
-class _GroupedStack:
+class _GroupedStack(_StackedLoss):
     """SimpleCNN: :class:`GroupedSimpleCNN` (channels_last on the CPU, where it pays)."""
 
     def __init__(self, models: list[nn.Module], channels_last: bool):
@@ -197,6 +214,12 @@ class _GroupedStack:
 
     def parameters(self):
         return list(self.net.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.net.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state)
 
     def _fold(self, x: torch.Tensor) -> torch.Tensor:  # (R, B, C, H, W) → (B, R·C, H, W)
         R, B, C, H, W = x.shape
@@ -221,9 +244,10 @@ class _GroupedStack:
 class _LoopStack:
     """Each run's own model and kernels, one after another inside the step; one Adam for all.
 
-    The fastest form on the CPU, where a single run already keeps the cores busy and grouped
-    kernels are slower than per-run ones (measured: 16 SimpleCNN runs on digits, 30 steps, one
-    thread: loop ≈ single-run 8.8 s, grouped 12.4 s, vmap 18.7 s).
+    The only form for models with auxiliary heads (deep supervision), and the fastest on the CPU,
+    where a single run already keeps the cores busy and grouped kernels are slower than per-run
+    ones (measured: 16 SimpleCNN runs on digits, 30 steps, one thread: loop ≈ single-run 8.8 s,
+    grouped 12.4 s, vmap 18.7 s). One run of it *is* the single-run trainer.
     """
 
     def __init__(self, models: list[nn.Module], channels_last: bool):
@@ -234,9 +258,12 @@ class _LoopStack:
     def parameters(self):
         return [p for m in self.models for p in m.parameters()]
 
-    def train_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x[r].contiguous(memory_format=self.fmt))
-                            for r, m in enumerate(self.models)])
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor,
+                   aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        objective, main = zip(*(_loss(m, x[r].contiguous(memory_format=self.fmt), y[r],
+                                      aux_weight) for r, m in enumerate(self.models)),
+                              strict=True)
+        return torch.stack(objective), torch.stack(main)
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=self.fmt)
@@ -247,27 +274,77 @@ class _LoopStack:
             m.train()
         return torch.stack(out)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"models": [m.state_dict() for m in self.models]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for m, sd in zip(self.models, state["models"], strict=True):
+            m.load_state_dict(sd)
+
     def write_back(self, models: list[nn.Module]) -> None:
         pass  # trained in place
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, main-head cross-entropy) of one run. The objective adds
+    ``aux_weight · Σ CE(aux)`` for a deeply supervised model; the logged curve (and steps to
+    target) is the main head's loss, so models with and without auxiliary heads are compared on
+    the same quantity."""
+    main = F.cross_entropy(model(x), y)
+    aux = getattr(model, "aux_logits", None)
+    if aux:  # deep supervision (a model's auxiliary heads, set by its forward in train mode)
+        return main + aux_weight * sum(F.cross_entropy(a, y) for a in aux), main
+    return main, main
 
 
 BACKENDS = ("auto", "grouped", "vmap", "loop")
 
 
-def _choose(backend: str, models: list[nn.Module], device: torch.device):
-    """The stack for ``backend``; ``auto``: loop on the CPU, grouped (SimpleCNN) or vmap else."""
+# Measured speed of each backend, run-steps per second, SimpleCNN at batch 256: `auto` takes the
+# fastest that can train the models. cuda: an H100 (2026-11, cifar10 sizes, fp32, the grouped /
+# vmap / loop backends side by side; ../shared/notes/gpu-facts.md). cpu: this project's 2-core
+# CPU (16 runs on digits, 30 steps, one thread: loop 8.8 s, grouped 12.4 s, vmap 18.7 s).
+MEASURED: dict[str, dict[str, float]] = {
+    "cuda": {"grouped": 911.0, "vmap": 656.0, "loop": 574.0},
+    "cpu": {"loop": 54.5, "grouped": 38.7, "vmap": 25.7},
+}
+
+
+def _usable(models: list[nn.Module]) -> list[str]:
+    """The backends that can train ``models``: auxiliary heads need the loop."""
+    if any(hasattr(m, "aux_logits") for m in models):
+        return ["loop"]
+    return ["grouped", "vmap", "loop"] if _grouped_ok(models) else ["vmap", "loop"]
+
+
+def choose_backend(backend: str, models: list[nn.Module], device: torch.device) -> str:
+    """``backend`` checked against the models; ``auto``: the fastest in :data:`MEASURED` for the
+    device type (the loop where nothing was measured) among those that can train them."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    usable = _usable(models)
     if backend == "auto":
-        backend = "loop" if device.type == "cpu" else \
-            ("grouped" if _grouped_ok(models) else "vmap")
+        speed = MEASURED.get(torch.device(device).type, {})
+        return max(usable, key=lambda b: (speed.get(b, 0.0), b == "loop"))
+    if backend not in usable:
+        raise ValueError(f"the {backend} backend cannot train {type(models[0]).__name__}"
+                         + (" (auxiliary heads need the loop backend)"
+                            if usable == ["loop"] else "; it handles SimpleCNN only"))
+    return backend
+
+
+def _choose(backend: str, models: list[nn.Module], device: torch.device,
+            channels_last: bool | None = None):
+    """The stack for ``backend`` (see :func:`choose_backend`); ``channels_last`` defaults to
+    True on the CPU, where it pays."""
+    backend = choose_backend(backend, models, device)
+    if channels_last is None:
+        channels_last = device.type == "cpu"
     if backend == "grouped":
-        if not _grouped_ok(models):
-            raise ValueError("the grouped backend handles SimpleCNN only, not "
-                             f"{type(models[0]).__name__}")
-        return _GroupedStack(models, channels_last=device.type == "cpu")
+        return _GroupedStack(models, channels_last=channels_last)
     if backend == "loop":
-        return _LoopStack(models, channels_last=device.type == "cpu")
+        return _LoopStack(models, channels_last=channels_last)
     return _VmapStack(models)
 
 
@@ -279,13 +356,21 @@ def train_batched(
     seeds: list[int],
     precision: str = "fp32",
     backend: str = "auto",
+    channels_last: bool | None = None,
+    checkpoint: Checkpointer | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[TrainResult]:
     """Train ``models`` (one per seed in ``seeds``) together; returns one result per run.
 
-    Each run uses the protocol and the data order of :func:`prewarm_gpu.train.train` with its seed,
-    and its trained weights are written back into its model. A run whose loss turns NaN/Inf is
-    marked failed at that step; the others go on (they share no arithmetic with it).
+    The one training loop of the project: :func:`prewarm_gpu.train.train` is this with one run.
+    Each run draws batches from its own seed's data order, and its trained weights are written
+    back into its model. A run whose loss turns NaN/Inf is marked failed at that step; the others
+    go on (they share no arithmetic with it).
+
+    The step loop does not sync with the host: batch indices, standardisation, the loss, the
+    backward pass and a fused Adam step are queued on the device, and the per-step losses stay
+    there. The host reads them only at the curve points (:func:`curves_at`), evaluates at the
+    accuracy points, and writes a checkpoint when ``checkpoint`` says one is due.
 
     Args:
         models: initialised models of one architecture, on ``data.device``.
@@ -294,8 +379,11 @@ def train_batched(
         seeds: the data-order seed of each run.
         precision: ``"fp32"`` (default, as the paper), ``"tf32"`` or ``"bf16"`` (autocast).
         backend: ``"grouped"`` (SimpleCNN only: :class:`GroupedSimpleCNN`), ``"vmap"`` (any
-            architecture), ``"loop"`` (per-run kernels in one step) or ``"auto"``: loop on the
-            CPU (measured fastest there), grouped for SimpleCNN elsewhere, else vmap.
+            architecture without auxiliary heads), ``"loop"`` (per-run kernels in one step; any
+            model) or ``"auto"``: the fastest measured (:data:`MEASURED`).
+        channels_last: models in NHWC (default: on the CPU); the grouped and loop backends.
+        checkpoint: where and how often to checkpoint; a usable checkpoint found there is
+            continued from (bit-identical to an uninterrupted run on the CPU).
         progress: called with the number of run-steps done since its last call.
     """
     cfg, dev = config, data.device
@@ -306,71 +394,123 @@ def train_batched(
     R = len(models)
     for m in models:
         m.train()
-    stack = _choose(backend, models, dev)
-    opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr_start)
+    stack = _choose(backend, models, dev, channels_last)
+    opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr_start, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_end)
-    streams = [epoch_stream(data.train_x.shape[0], cfg.batch_size,
-                            torch.Generator(device=dev).manual_seed(s)) for s in seeds]
+    streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,
+                           torch.Generator(device=dev).manual_seed(s)) for s in seeds]
     losses = torch.empty(cfg.steps, R, dtype=torch.float32, device=dev)
-    loss_marks = curve_steps(cfg.steps, cfg.loss_points)
-    acc_marks = set(curve_steps(cfg.steps, cfg.eval_points))
-    results = [TrainResult("ok", None, acc_steps=[0]) for _ in range(R)]
-    for r, a in zip(results, _evaluate(stack, data, cfg), strict=True):
-        r.test_acc.append(a)
-    alive = [True] * R
-    done, mark = 0, 0
+    curves = _Curves(R, cfg)
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is None:
+        start = 0
+        curves.accuracy(0, _evaluate(stack, data, cfg))
+    else:
+        start, state = resumed
+        stack.load_state_dict(state["stack"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for st, sd in zip(streams, state["streams"], strict=True):
+            st.load_state_dict(sd)
+        losses[:start] = state["losses"].to(dev)
+        curves.load_state_dict(state["curves"])
+        if progress:
+            progress(R * start)
+    marks = curves.marks
     with _precision(precision, dev):
-        for t in range(cfg.steps):
+        for t in range(start, cfg.steps):
+            step = t + 1
             idx = torch.stack([next(s) for s in streams])  # (R, B)
             x = data.standardise(data.train_x[idx.reshape(-1)])
             x = x.reshape(R, cfg.batch_size, *x.shape[1:])
-            y = data.train_y[idx]
-            logits = stack.train_logits(x)  # (R, B, classes)
-            per_run = _per_run_loss(logits.float(), y)
+            objective, main = stack.train_loss(x, data.train_y[idx], cfg.aux_weight)
             opt.zero_grad(set_to_none=True)
-            per_run.sum().backward()
+            objective.sum().backward()
             opt.step()
             sched.step()
-            losses[t] = per_run.detach()
-            if t + 1 != loss_marks[mark]:
-                continue
-            window = losses[done : t + 1].cpu()
-            for r in range(R):
-                if not alive[r]:
-                    continue
-                bad = (~torch.isfinite(window[:, r])).nonzero()
-                if bad.numel():
-                    alive[r] = False
-                    res = results[r]
-                    res.status, res.failed_step = "failed", done + int(bad[0]) + 1
-                    res.error = f"non-finite training loss at step {res.failed_step}"
-                    continue
-                results[r].loss_steps.append(t + 1)
-                results[r].loss.append(float(window[:, r].to(torch.float64).mean()))
-                if results[r].steps_to_target is None and results[r].loss[-1] < cfg.target_loss:
-                    results[r].steps_to_target = t + 1
-            if t + 1 in acc_marks:
-                accs = _evaluate(stack, data, cfg)
-                for r in range(R):
-                    if alive[r]:
-                        results[r].acc_steps.append(t + 1)
-                        results[r].test_acc.append(accs[r])
-            if progress:
-                progress(R * (t + 1 - done))
-            done, mark = t + 1, mark + 1
-            if not any(alive):
+            # A NaN/Inf objective fails the run even where the main head's loss is finite.
+            losses[t] = torch.where(torch.isfinite(objective), main, objective).detach()
+            if step in marks:
+                before = curves.done
+                curves.losses(step, losses)  # the host read of this point
+                if step in curves.acc_marks:
+                    curves.accuracy(step, _evaluate(stack, data, cfg))
                 if progress:
-                    progress(R * (cfg.steps - done))
-                break
+                    progress(R * (step - before))
+                if not any(curves.alive):
+                    break
+            if checkpoint is not None and step < cfg.steps and checkpoint.due(step):
+                checkpoint.save(step, {
+                    "stack": stack.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "streams": [st.state_dict() for st in streams],
+                    "losses": losses[:step].cpu(), "curves": curves.state_dict()})
+    if progress and curves.done < cfg.steps:
+        progress(R * (cfg.steps - curves.done))  # the steps failed runs will not take
     stack.write_back(models)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    for r in results:
-        if r.status == "ok":
-            r.accuracy = r.test_acc[-1]
+    for r in curves.results:
         r.seconds = seconds / R  # wall time shared equally among the runs of the batch
-    return results
+    return curves.finish()
+
+
+class _Curves:
+    """The one curve recorder: per run, the training-loss curve (window means at the
+    ``loss_points`` marks), test accuracy at the ``eval_points`` marks (plus step 0), and failure
+    at the first non-finite loss. Loss and accuracy marks are independent: a mark of either kind
+    reads the losses since the last one."""
+
+    def __init__(self, R: int, cfg: TrainConfig):
+        self.cfg = cfg
+        self.loss_marks = set(curve_steps(cfg.steps, cfg.loss_points))
+        self.acc_marks = set(curve_steps(cfg.steps, cfg.eval_points))
+        self.marks = self.loss_marks | self.acc_marks
+        self.results = [TrainResult("ok", None) for _ in range(R)]
+        self.alive = [True] * R
+        self.done = 0  # losses[:done] are read and known finite for the live runs
+        self.window = 0  # the open loss window starts here
+
+    def losses(self, step: int, losses: torch.Tensor) -> None:
+        """Read ``losses[window:step]`` (one host copy); fail runs with a non-finite loss since
+        the last mark; close the loss window at a loss mark."""
+        block = losses[self.window : step].cpu()  # (step − window, R)
+        fresh = block[self.done - self.window :]
+        for r, res in enumerate(self.results):
+            if not self.alive[r]:
+                continue
+            bad = (~torch.isfinite(fresh[:, r])).nonzero()
+            if bad.numel():
+                self.alive[r] = False
+                res.status, res.failed_step = "failed", self.done + int(bad[0]) + 1
+                res.error = f"non-finite training loss at step {res.failed_step}"
+            elif step in self.loss_marks:
+                res.loss_steps.append(step)
+                res.loss.append(float(block[:, r].to(torch.float64).mean()))
+        self.done = step
+        if step in self.loss_marks:
+            self.window = step
+
+    def accuracy(self, step: int, accs: list[float]) -> None:
+        for r, res in enumerate(self.results):
+            if self.alive[r]:
+                res.acc_steps.append(step)
+                res.test_acc.append(accs[r])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": [asdict(r) for r in self.results], "alive": list(self.alive),
+                "done": self.done, "window": self.window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.results = [TrainResult(**r) for r in state["results"]]
+        self.alive, self.done, self.window = list(state["alive"]), state["done"], state["window"]
+
+    def finish(self) -> list[TrainResult]:
+        for r in self.results:
+            if r.status == "ok":
+                r.accuracy = r.test_acc[-1]
+            r.steps_to_target = steps_to_target(r.loss_steps, r.loss, self.cfg.target_loss)
+        return self.results
 
 
 _per_run_loss = torch.vmap(F.cross_entropy)  # each run's mean loss, as the single-run trainer's

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-loss", type=float, default=0.5,
                    help="report the steps until the training loss falls below this (0.5)")
     r.add_argument("--eval-points", type=_positive_int, default=10,
-                   help="test-accuracy checkpoints per run, for the curves (10)")
+                   help="test-accuracy points per run, for the curves (10)")
     r.add_argument("--device", default=_default_device(),
                    help="torch device (default: cuda if available, else cpu)")
     r.add_argument("--threads", type=_positive_int,
@@ -136,8 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "step (auto: loop on the CPU, grouped for SimpleCNN on a GPU)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
                    "runs/all for --dataset all)")
+    r.add_argument("--checkpoint-every", default="10m", metavar="N|Mm|Ss",
+                   help="checkpoint the runs in training every N steps, M minutes or S seconds "
+                   "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
+                   "interrupted run from its last checkpoint")
     r.add_argument("--resume", action="store_true",
-                   help="complete the sweep in --out: run only the runs missing from results.jsonl")
+                   help="complete the sweep in --out: run only the runs missing from "
+                   "results.jsonl, continuing interrupted ones from their checkpoints")
     r.add_argument("--retry-failed", action="store_true",
                    help="with --resume, also rerun runs recorded as failed")
     r.add_argument("--plot", action="store_true",
@@ -216,7 +221,7 @@ def _sweep_config(args: argparse.Namespace):
         batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
         eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
-        backend=args.backend, baseline=args.baseline,
+        backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
     )
 
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import initializers
+from .checkpoint import Checkpointer, parse_every
 from .data import (
     DATASETS,
     ImageData,
@@ -53,7 +54,7 @@ from .data import (
 )
 from .models import BASELINES, MODELS, build_model, reinit_
 from .stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
-from .train import TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, steps_to_target, train
 
 __all__ = [
     "SEEDS",
@@ -79,8 +80,10 @@ __all__ = [
 SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
 DEFAULT_ARCH = "simplecnn"
 BASELINE = "kaiming"
-PROTOCOL = 2  # bump when a change to the training code changes results: old runs then rerun
+PROTOCOL = 3  # bump when a change to the training code changes results: old runs then rerun
+# 3: one trainer for one run and many, with a fused Adam (results move by float rounding)
 RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"
+CHECKPOINTS = "checkpoints"  # in-run checkpoints, removed when their runs are recorded
 
 
 class ResultsExistError(FileExistsError):
@@ -117,6 +120,7 @@ class SweepConfig:
     precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
     backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
     baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
+    checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -218,6 +222,7 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
         if arch not in MODELS:
             raise KeyError(f"unknown model {arch!r} (required by an initialiser); known: "
                            f"{sorted(MODELS)}")
+    parse_every(config.checkpoint_every)  # ValueError now, not after the first run
     if config.baseline not in BASELINES:
         raise ValueError(f"--baseline must be one of {BASELINES}, got {config.baseline!r}")
     dev = torch.device(config.device).type
@@ -304,11 +309,44 @@ def _failed(stage: str, e: BaseException) -> TrainResult:
                        traceback=traceback.format_exc())
 
 
+@dataclass
+class CheckpointPolicy:
+    """Where one group of runs is checkpointed and how often (``--checkpoint-every``); ``active``
+    is the :class:`~prewarm_gpu.checkpoint.Checkpointer` of the training under way."""
+
+    path: Path
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    active: Checkpointer | None = None
+
+    def open(self, specs: Sequence[RunSpec]) -> Checkpointer:
+        """The checkpointer of ``specs`` trained together (a checkpoint of other runs is never
+        loaded: the runs' keys are its fingerprint)."""
+        self.active = Checkpointer(self.path, {"runs": [s.key for s in specs]},
+                                   every_steps=self.every_steps, every_seconds=self.every_seconds)
+        return self.active
+
+    def remove(self) -> None:
+        Checkpointer(self.path, None).remove()
+
+
+def checkpoint_policy(config: SweepConfig, group: Sequence[RunSpec]) -> CheckpointPolicy | None:
+    """``<out>/checkpoints/<dataset>-<hash of the group's keys>.pt``, or None when disabled."""
+    every_steps, every_seconds = parse_every(config.checkpoint_every)
+    if every_steps is None and every_seconds is None:
+        return None
+    digest = hashlib.sha256("\n".join(s.key for s in group).encode()).hexdigest()[:16]
+    return CheckpointPolicy(config.out / CHECKPOINTS / f"{group[0].dataset}-{digest}.pt",
+                            every_steps, every_seconds)
+
+
 def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
-            save_to: Path | None = None) -> dict[str, Any]:
+            save_to: Path | None = None,
+            checkpoint: CheckpointPolicy | None = None) -> dict[str, Any]:
     """Build, initialise and train one run; the ``results.jsonl`` record. An initialiser's
     :data:`INIT_ERRORS`, a training :data:`TRAIN_ERRORS` or a NaN/Inf loss give
-    ``status="failed"`` with the error (and traceback); any other exception propagates."""
+    ``status="failed"`` with the error (and traceback); any other exception propagates. With
+    ``checkpoint``, the run is checkpointed as it trains and continues from a checkpoint found."""
     t0 = time.perf_counter()
     report: dict[str, Any] = {}
     step_progress = _StepCounter(progress)
@@ -319,10 +357,10 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
         result = _failed("", e)
     else:
         init_seconds = time.perf_counter() - t0
-        if spec.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         try:
-            result = train(model, data, spec.train, seed=spec.seed, progress=step_progress)
+            result = train(model, data, spec.train, seed=spec.seed, precision=spec.precision,
+                           channels_last=spec.channels_last, progress=step_progress,
+                           checkpoint=checkpoint.open([spec]) if checkpoint else None)
         except TRAIN_ERRORS as e:
             result = _failed("training: ", e)
         if save_to is not None and result.status == "ok":
@@ -334,13 +372,15 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
 
 def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
               progress: Callable[[int], None] | None = None, backend: str = "auto",
-              save_dir: Path | None = None) -> list[dict[str, Any]]:
+              save_dir: Path | None = None,
+              checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
     """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
     together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
 
     A run whose initialisation raises one of :data:`INIT_ERRORS` is recorded as failed alone; if
     the batched training raises one of :data:`TRAIN_ERRORS`, every run of the batch is recorded as
-    failed with the error (the sweep goes on). Other exceptions propagate."""
+    failed with the error (the sweep goes on). Other exceptions propagate. With ``checkpoint``,
+    the batch is checkpointed as it trains and continues from a checkpoint found."""
     from .batched import train_batched
 
     records: dict[str, dict[str, Any]] = {}
@@ -359,7 +399,9 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
             results = train_batched([b[1] for b in built], data, built[0][0].train,
                                     seeds=[b[0].seed for b in built],
                                     precision=built[0][0].precision, backend=backend,
-                                    progress=step_progress)
+                                    progress=step_progress,
+                                    checkpoint=checkpoint.open([b[0] for b in built])
+                                    if checkpoint else None)
         except TRAIN_ERRORS as e:
             results = [_failed("batched training: ", e) for _ in built]
             step_progress.finish(sum(b[0].train.steps for b in built))
@@ -584,11 +626,9 @@ def _latest(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # --- summary -------------------------------------------------------------------------------------
 
 def _steps_to_target(rec: dict[str, Any], target: float) -> int | None:
+    """:func:`prewarm_gpu.train.steps_to_target` of a record's stored loss curve."""
     c = rec.get("curves") or {}
-    for step, loss in zip(c.get("loss_steps", []), c.get("loss", []), strict=False):
-        if loss is not None and loss < target:
-            return step
-    return None
+    return steps_to_target(c.get("loss_steps", []), c.get("loss", []), target)
 
 
 def summarise(config: SweepConfig, specs: Sequence[RunSpec],
@@ -749,10 +789,12 @@ def _check_out(config: SweepConfig) -> None:
         raise ResultsExistError(
             f"{path} already holds results; pass --resume to complete that sweep (only missing "
             f"runs are run), or choose another --out. Nothing was overwritten.")
-    if config.resume and not has_results:
+    has_checkpoints = any((config.out / CHECKPOINTS).glob("*.pt"))
+    if config.resume and not has_results and not has_checkpoints:
         raise NothingToResumeError(
-            f"--resume: {config.out} holds no finished run ({RESULTS} is missing or empty), so "
-            "there is nothing to resume. Check --out, or drop --resume to start the sweep.")
+            f"--resume: {config.out} holds no finished run ({RESULTS} is missing or empty) and "
+            "no checkpoint, so there is nothing to resume. Check --out, or drop --resume to start "
+            "the sweep.")
 
 
 def _check_data(config: SweepConfig) -> None:
@@ -822,7 +864,7 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
         log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "
             f"running the other {len(todo)}")
     bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
-    state = {"written": 0, "in_flight": []}
+    state: dict[str, Any] = {"written": 0, "in_flight": [], "checkpoint": None}
     try:
         for ds in config.datasets:
             mine = [s for s in todo if s.dataset == ds]
@@ -834,17 +876,20 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                 log(f"{ds}: read from {data.source}")
             update = bar.update if bar is not None else None
             for group in _groups(mine, config.batch):
-                state["in_flight"] = group
+                ckpt = checkpoint_policy(config, group)
+                state["in_flight"], state["checkpoint"] = group, ckpt
                 if bar is not None:
                     bar.set_postfix_str(group[0].label if len(group) == 1 else
                                         f"{ds}: {len(group)} runs batched", refresh=False)
                 if len(group) > 1:
                     recs = run_batch(group, data, progress=update, backend=config.backend,
-                                     save_dir=config.out if config.save_models else None)
+                                     save_dir=config.out if config.save_models else None,
+                                     checkpoint=ckpt)
                 else:
                     spec = group[0]
-                    recs = [run_one(spec, data, progress=update, save_to=model_path(
-                        config.out, spec) if config.save_models else None)]
+                    recs = [run_one(spec, data, progress=update, checkpoint=ckpt,
+                                    save_to=model_path(config.out, spec)
+                                    if config.save_models else None)]
                     recs[0]["trainer"] = "single"
                 for spec, rec in zip(group, recs, strict=True):
                     rec["env"] = env
@@ -856,7 +901,9 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
                         log(f"run failed: {spec.label}: {rec['error']}")
                     if after_run is not None:
                         after_run(rec)
-                state["in_flight"] = []
+                state["in_flight"], state["checkpoint"] = [], None
+                if ckpt is not None:
+                    ckpt.remove()  # its runs are recorded
                 write_summary(config, specs, records, env)
             if config.plot:
                 plot_filters(config, specs, data)
@@ -881,12 +928,20 @@ def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) 
     parts = [f"{kept} of {len(specs)} runs are finished and kept in {path} "
              f"({state['written']} written by this command)."]
     lost = state["in_flight"]
+    ckpt = state["checkpoint"]
+    saved = ckpt.active.saved_step if ckpt is not None and ckpt.active is not None else None
     if lost:
-        what = f"the run in flight ({lost[0].label})" if len(lost) == 1 else \
+        one = len(lost) == 1
+        what = f"the run in flight ({lost[0].label})" if one else \
             f"the {len(lost)} runs training together in flight ({lost[0].dataset}, batched)"
-        parts.append(f"Lost: {what}; it starts again from step 0." if len(lost) == 1 else
-                     f"Lost: {what}; they start again from step 0.")
-    if kept:
+        if saved:
+            parts.append(f"In flight: {what}; {'its' if one else 'their'} progress up to step "
+                         f"{saved} is checkpointed in {ckpt.path}, and --resume continues from "
+                         "there.")
+        else:
+            parts.append(f"Lost: {what}; no checkpoint was written yet (--checkpoint-every), "
+                         f"so {'it starts' if one else 'they start'} again from step 0.")
+    if kept or saved:
         parts.append("Run the same command with --resume to complete the sweep.")
     else:
         parts.append("Nothing to resume: run the same command again (without --resume).")
@@ -985,7 +1040,11 @@ def plot_curves(config: SweepConfig, specs: Sequence[RunSpec],
         for name, recs in groups.items():
             for ax, xs, ys in ((ax_acc, "acc_steps", "test_acc"), (ax_loss, "loss_steps", "loss")):
                 x = recs[0]["curves"][xs]
-                y = np.array([r["curves"][ys] for r in recs if r["curves"][xs] == x], dtype=float)
+                same = [r for r in recs if r["curves"][xs] == x]
+                if len(same) < len(recs):
+                    warnings.warn(f"curves_{ds}.png: {len(recs) - len(same)} {name} run(s) have "
+                                  f"other {xs} than the first; drawn without them", stacklevel=2)
+                y = np.array([r["curves"][ys] for r in same], dtype=float)
                 mean, std = y.mean(0), y.std(0)
                 (line,) = ax.plot(x, mean, label=f"{name} (n={len(y)})")
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)

@@ -1,26 +1,28 @@
 """One training run of the paper's protocol (§3.3): Adam, batch 256, cross-entropy, cosine LR.
 
 `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
-(2026). The data order comes from the seed's generator on the data's device; the loop keeps
-per-step losses on the device and reads them back only at curve points (every N/100 steps), so a GPU
-run syncs ≈ 100 times, not N times. A NaN/Inf loss ends the run as ``failed`` at that step.
+(2026). The protocol (:class:`TrainConfig`), a run's result, the schedule and the curve points;
+the step loop itself is :func:`prewarm_gpu.batched.train_batched`, which trains one run or many.
+The data order comes from the seed's generator on the data's device; the loop keeps per-step
+losses on the device and reads them back only at curve points (every N/100 steps), so a GPU run
+syncs ≈ 100 times, not N times. A NaN/Inf loss ends the run as ``failed`` at that step.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import ImageData, epoch_stream
+from .checkpoint import Checkpointer
+from .data import ImageData
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "cosine_lr", "curve_steps"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "cosine_lr", "curve_steps",
+           "steps_to_target"]
 
 
 @dataclass
@@ -93,21 +95,24 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 2048) -> float
     return int(correct) / data.test_x.shape[0]
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-          aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective, main-head cross-entropy). The objective adds ``aux_weight · Σ CE(aux)`` for a
-    deeply supervised model; the logged curve (and steps to target) is the main head's loss, so
-    models with and without auxiliary heads are compared on the same quantity."""
-    main = F.cross_entropy(model(x), y)
-    aux = getattr(model, "aux_logits", None)
-    if aux:  # deep supervision (a model's auxiliary heads, set by its forward in train mode)
-        return main + aux_weight * sum(F.cross_entropy(a, y) for a in aux), main
-    return main, main
+def steps_to_target(loss_steps: list[int], loss: list[float | None],
+                    target: float) -> int | None:
+    """"Steps to target": the first curve point whose window-mean training loss is below
+    ``target`` (``None``: never). The one definition, used for results and for records."""
+    for step, value in zip(loss_steps, loss, strict=False):
+        if value is not None and value < target:
+            return step
+    return None
 
 
 def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
+          precision: str = "fp32", channels_last: bool | None = None,
+          checkpoint: Checkpointer | None = None,
           progress: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with the protocol of §3.3 and the seed's data order.
+
+    This is :func:`prewarm_gpu.batched.train_batched` with one run on the loop backend (the run's
+    own kernels), so one run and many share one step loop and one curve recorder.
 
     Args:
         model: on ``data.device``; trained in place.
@@ -115,58 +120,16 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
         config: the protocol.
         seed: seeds the data order, ``torch.Generator(device).manual_seed(seed)``; the first
             batch is :func:`prewarm_gpu.data.first_batch_indices` of the same seed.
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (autocast).
+        channels_last: the model in NHWC (default: on the CPU).
+        checkpoint: in-run checkpoints (see :class:`prewarm_gpu.checkpoint.Checkpointer`).
         progress: called with the number of steps done since its last call.
 
     Returns:
         :class:`TrainResult`; a NaN/Inf loss gives ``status="failed"`` with ``failed_step``.
     """
-    cfg, dev = config, data.device
-    t0 = time.perf_counter()
-    g = torch.Generator(device=dev).manual_seed(seed)
-    order = epoch_stream(data.train_x.shape[0], cfg.batch_size, g)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_start)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_end)
-    losses = torch.empty(cfg.steps, dtype=torch.float32, device=dev)
-    loss_marks = set(curve_steps(cfg.steps, cfg.loss_points))
-    acc_marks = set(curve_steps(cfg.steps, cfg.eval_points))
-    acc0 = evaluate(model, data, cfg.eval_batch_size)
-    res = TrainResult("ok", None, acc_steps=[0], test_acc=[acc0])
-    model.train()
-    checked = window = 0  # losses[:checked] are known finite; the open loss window starts here
-    for t in range(cfg.steps):
-        step = t + 1
-        idx = next(order)
-        loss, main = _loss(model, data.standardise(data.train_x[idx]), data.train_y[idx],
-                           cfg.aux_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses[t] = torch.where(torch.isfinite(loss), main, loss).detach()  # NaN objective: fail
-        if step not in loss_marks and step not in acc_marks:
-            continue
-        bad = (~torch.isfinite(losses[checked:step])).nonzero()  # the host sync of this point
-        if bad.numel():
-            res.status, res.failed_step = "failed", checked + int(bad[0]) + 1
-            res.error = f"non-finite training loss at step {res.failed_step}"
-            if progress:
-                progress(cfg.steps - checked)  # the rest of this run will not happen
-            break
-        if progress:
-            progress(step - checked)
-        checked = step
-        if step in loss_marks:
-            res.loss_steps.append(step)
-            res.loss.append(float(losses[window:step].to(torch.float64).mean()))
-            window = step
-            if res.steps_to_target is None and res.loss[-1] < cfg.target_loss:
-                res.steps_to_target = step
-        if step in acc_marks:
-            res.acc_steps.append(step)
-            res.test_acc.append(evaluate(model, data, cfg.eval_batch_size))
-    if res.status == "ok":
-        res.accuracy = res.test_acc[-1]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    res.seconds = time.perf_counter() - t0
-    return res
+    from .batched import train_batched
+
+    return train_batched([model], data, config, seeds=[seed], precision=precision,
+                         backend="loop", channels_last=channels_last, checkpoint=checkpoint,
+                         progress=progress)[0]

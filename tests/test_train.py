@@ -94,7 +94,7 @@ def test_nan_loss_marks_the_run_failed_at_that_step(digits):
 def test_aux_logits_add_weighted_cross_entropy_to_the_objective_not_the_curve(digits):
     # Zero aux logits have CE = ln 10 each: the objective is main + 0.3 · 2 · ln 10, while the
     # logged curve (and steps to target) is the main head's loss alone.
-    from prewarm_gpu.train import _loss
+    from prewarm_gpu.batched import _loss
 
     class WithAux(Linear):
         def forward(self, x):
