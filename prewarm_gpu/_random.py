@@ -7,14 +7,27 @@ import numbers
 import torch
 
 
+def _is_default(g: torch.Generator) -> bool:
+    """Whether ``g`` is the CPU's or a CUDA device's global default generator."""
+    if g is torch.default_generator:
+        return True
+    if torch.device(g.device).type == "cuda" and torch.cuda.is_available():
+        return any(g is d for d in torch.cuda.default_generators)
+    return False
+
+
 def as_generator(generator: int | torch.Generator | None, device: torch.device) -> torch.Generator:
     """Return a ``torch.Generator`` on ``device``; never reads or writes global RNG state.
 
     ``None`` gives a freshly (non-deterministically) seeded generator, an ``int`` a generator seeded
-    with it, and a ``torch.Generator`` is used as is (it must live on ``device``).
+    with it, and a ``torch.Generator`` is used as is (it must live on ``device``, and must not be
+    torch's global default generator: using it would advance the global RNG).
     """
     device = torch.device(device)
     if isinstance(generator, torch.Generator):
+        if _is_default(generator):
+            raise ValueError("generator is torch's global default generator, which this library "
+                             "never advances; pass an int seed or your own torch.Generator")
         if torch.device(generator.device).type != device.type:
             raise ValueError(
                 f"generator is on {generator.device} but the data is on {device}; "

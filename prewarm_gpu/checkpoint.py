@@ -73,16 +73,24 @@ class Checkpointer:
                 and time.monotonic() - self._last_time >= self.every_seconds)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        """Write ``state`` as the checkpoint after ``step``, atomically; keep the previous one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` as the checkpoint after ``step``, atomically; keep the previous one. A
+        failed write (disk full) is a warning: the training goes on, the last good one stays."""
         tmp = self.path.with_name(self.path.name + ".part")
-        with open(tmp, "wb") as f:
-            torch.save({"fingerprint": self.fingerprint, "step": step, "state": state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if self.path.exists():
-            os.replace(self.path, self.prev)
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save({"fingerprint": self.fingerprint, "step": step, "state": state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.path.exists():
+                os.replace(self.path, self.prev)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full disk must not end the training: warn, try again later
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"checkpoint at step {step} not written ({e}); training goes on",
+                          stacklevel=3)
+            self._last_step, self._last_time = step, time.monotonic()
+            return
         self.saved_step, self._last_step, self._last_time = step, step, time.monotonic()
 
     def load(self) -> tuple[int, dict[str, Any]] | None:

@@ -10,9 +10,10 @@ Usage::
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
 2 bad arguments (checked before any training), missing data, an unavailable device, results
-already in ``--out`` without ``--resume``, or ``--resume`` with nothing to resume; 3 an internal
-error (a bug: its traceback is printed; finished runs are kept); 130 interrupted (the message says
-which runs were kept).
+already in ``--out`` without ``--resume``, ``--resume`` with nothing to resume, or ``--out`` in
+use by another sweep; 3 an internal error (a bug: its traceback is printed; finished runs are
+kept); 4 ``--out`` not writable or full (before training: nothing trained; later: every record
+written before is intact); 130 interrupted (the message says which runs were kept).
 """
 
 from __future__ import annotations
@@ -374,15 +375,16 @@ def _prepare(args: argparse.Namespace):
 
 
 def _user_errors():
-    from .harness import NothingToResumeError, ResultsExistError
+    from .harness import NothingToResumeError, ResultsExistError, SweepLockedError
 
-    return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError)
+    return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError,
+            SweepLockedError)
 
 
-def _error(e: BaseException) -> int:
+def _error(e: BaseException, code: int = 2) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"prewarm-gpu: error: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,9 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    from .harness import ResultsWriteError
+
     try:
         try:
             command = _prepare(args)
+        except ResultsWriteError as e:
+            return _error(e, 4)
         except (*_user_errors(), KeyError, ValueError, ImportError) as e:
             return _error(e)  # everything here is about the arguments, the data or --out
         if threads:
@@ -407,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         return command()
     except _user_errors() as e:
         return _error(e)
+    except ResultsWriteError as e:
+        return _error(e, 4)
     except KeyboardInterrupt as e:
         from .harness import SweepInterrupted
 

@@ -27,8 +27,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -63,6 +65,10 @@ __all__ = [
     "RunSpec",
     "ResultsExistError",
     "NothingToResumeError",
+    "ResultsWriteError",
+    "SweepLockedError",
+    "sweep_lock",
+    "record_problem",
     "SweepInterrupted",
     "plan_runs",
     "build_arm",
@@ -84,6 +90,7 @@ PROTOCOL = 3  # bump when a change to the training code changes results: old run
 # 3: one trainer for one run and many, with a fused Adam (results move by float rounding)
 RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"
 CHECKPOINTS = "checkpoints"  # in-run checkpoints, removed when their runs are recorded
+LOCK = ".lock"  # one writer per output folder
 
 
 class ResultsExistError(FileExistsError):
@@ -540,6 +547,36 @@ def environment(device: str | torch.device) -> dict[str, Any]:
 
 # --- results file --------------------------------------------------------------------------------
 
+def record_problem(rec: Any) -> str | None:
+    """Why a parsed line of ``results.jsonl`` is not a usable run record, or None. A record must
+    name its run (a string ``key``), its ``status`` (ok/failed), its ``config`` and ``curves``;
+    an ok record needs a finite accuracy in [0, 1]."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if not isinstance(rec.get("key"), str):
+        return "no string 'key'"
+    if rec.get("status") not in ("ok", "failed"):
+        return f"status {rec.get('status')!r} is neither 'ok' nor 'failed'"
+    for field_ in ("config", "curves"):
+        if not isinstance(rec.get(field_), dict):
+            return f"no {field_!r} object"
+    if rec["status"] == "ok":
+        acc = rec.get("accuracy")
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or \
+                not (math.isfinite(acc) and 0 <= acc <= 1):
+            return f"an ok run without a finite accuracy in [0, 1] (got {acc!r})"
+    return None
+
+
+def _parse_record(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        return None, str(e)
+    problem = record_problem(rec)
+    return (None, problem) if problem else (rec, None)
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     """Every valid record of ``results.jsonl``; a corrupt or truncated line (a run killed while
     writing) is skipped with a warning, never an error."""
@@ -550,14 +587,11 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or "key" not in rec:
-                raise ValueError("not a run record")
-        except ValueError as e:
+        rec, problem = _parse_record(line)
+        if problem:
             where = "last line" if i >= len(lines) - 1 else f"line {i}"
-            warnings.warn(f"{path}: ignoring corrupt or truncated {where} ({e}); that run will be "
-                          "run again", stacklevel=2)
+            warnings.warn(f"{path}: ignoring corrupt or truncated {where} ({problem}); that run "
+                          "will be run again", stacklevel=2)
             continue
         records.append(rec)
     return records
@@ -573,12 +607,7 @@ def repair_results(path: Path) -> int:
     for line in path.read_bytes().split(b"\n"):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-            ok = isinstance(rec, dict) and "key" in rec
-        except ValueError:
-            ok = False
-        (good if ok else bad).append(line)
+        (bad if _parse_record(line)[1] else good).append(line)
     if not bad:
         return 0
     torn = path.with_name(path.name + ".torn")
@@ -602,20 +631,31 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
     starts on its own line.
     """
     line = json.dumps(record, allow_nan=False) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):  # leave no torn line behind
+            os.truncate(path, size)
+        raise ResultsWriteError(f"could not write {path}: {e}") from e
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ResultsWriteError(f"could not write {path}: {e}") from e
 
 
 def _latest(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -778,6 +818,53 @@ class NothingToResumeError(FileNotFoundError):
     """``--resume`` was given but ``--out`` holds no finished run."""
 
 
+class ResultsWriteError(OSError):
+    """Writing ``--out`` failed (read-only, disk full): what was written before is intact."""
+
+
+class SweepLockedError(RuntimeError):
+    """Another process is writing to the same ``--out``."""
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.lock`` (an exclusive ``fcntl`` lock, released by the OS when the process
+    ends, so a lock left by a killed process is never stale) for the sweep: one writer per folder.
+    The file holds the owner's pid, for the message a second writer gets."""
+    import fcntl
+
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise SweepLockedError(f"{out} is in use by another prewarm-gpu (pid {owner}); wait "
+                                   "for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_writable(out: Path, min_free: int = 64 * 2**20) -> None:
+    """``--out`` can be created and written, with room left, before any training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ResultsWriteError(f"--out {out} is not writable ({e.strerror or e}); nothing was "
+                                "trained") from e
+    free = shutil.disk_usage(out).free
+    if free < min_free:
+        raise ResultsWriteError(f"--out {out}: only {free / 2**20:.0f} MiB free on its disk "
+                                f"(at least {min_free / 2**20:.0f} MiB needed); nothing was "
+                                "trained")
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C or a kill during a sweep; ``str()`` says exactly what was kept and what was lost."""
 
@@ -829,6 +916,7 @@ def prepare_sweep(config: SweepConfig) -> tuple[SweepConfig, list[RunSpec]]:
     if config.plot:
         _import_pyplot()  # fail now, not after training
     _check_data(config)
+    _check_writable(config.out)
     return config, specs
 
 
@@ -846,11 +934,18 @@ def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
         NothingToResumeError: ``config.resume`` but no finished run in ``config.out``.
         DatasetNotFoundError: a dataset is missing and ``config.download`` is false.
         ValueError, KeyError: a bad name, option, seed or step count (before any training).
+        SweepLockedError: another process is writing to ``config.out``.
+        ResultsWriteError: ``config.out`` is not writable or full (checked before training;
+            a later failure leaves every record written before it intact, no torn line).
         SweepInterrupted: Ctrl-C or SIGTERM (via the CLI); its message says what was kept.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     config, specs = prepare_sweep(config)
-    config.out.mkdir(parents=True, exist_ok=True)
+    with sweep_lock(config.out):
+        return _run_sweep(config, specs, log, after_run)
+
+
+def _run_sweep(config: SweepConfig, specs: list[RunSpec], log, after_run) -> str:
     path = config.out / RESULTS
     moved = repair_results(path)
     if moved:

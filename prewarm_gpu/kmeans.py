@@ -27,6 +27,7 @@ How the loop avoids the host (the GPU's cost at these sizes is launches and sync
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -41,6 +42,17 @@ __all__ = ["MiniBatchKMeans"]
 _CHUNK = 1 << 22  # elements of a label block (rows · (k + d + 1)); bounds temporary memory
 _LOOPS = ("auto", "host", "device")
 _F64 = torch.float64
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Autocast off on every device type inside: the float64/float32 arithmetic promised here
+    must not be lowered to bf16/fp16 by a caller's ``torch.autocast``."""
+    with contextlib.ExitStack() as stack:
+        for dev in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(dev):
+                stack.enter_context(torch.autocast(dev, enabled=False))
+        yield
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +83,24 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     out = x.new_ones(*x.shape[:-1], x.shape[-1] + 1, dtype=_F64)
     out[..., :-1] = x
     return out
+
+
+def _blocks(X: torch.Tensor):
+    """Row blocks of X of at most ``_CHUNK`` elements: whole-X temporaries stay bounded."""
+    return X.split(max(1, _CHUNK // max(1, X.shape[-1])), dim=-2)
+
+
+def _row_sq(X: torch.Tensor) -> torch.Tensor:
+    """``‖x‖²`` of every row of X (n, d) in float64, block by block (no (n, d) temporary)."""
+    return torch.cat([b.to(_F64).square().sum(-1) for b in _blocks(X)])
+
+
+def _mean_variance(X: torch.Tensor) -> torch.Tensor:
+    """Mean over features of X's per-feature population variance, in float64, block by block
+    (scikit-learn's ``np.mean(np.var(X, axis=0))``, the scale of ``tol``)."""
+    mean = sum(b.to(_F64).sum(0) for b in _blocks(X)) / X.shape[0]
+    ss = sum((b.to(_F64) - mean).square().sum(0) for b in _blocks(X))
+    return (ss / X.shape[0]).mean()
 
 
 def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +417,8 @@ class MiniBatchKMeans:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}.")
         if X.shape[1] < 1:
             raise ValueError(f"X has {X.shape[1]} features; at least 1 is required")
-        return self._fit(X, self._check_init(X))
+        with no_autocast():
+            return self._fit(X, self._check_init(X))
 
     def _fit(self, X: torch.Tensor, init: torch.Tensor | None = None) -> MiniBatchKMeans:
         """:meth:`fit` on valid input: finite, contiguous float32/float64 X with n ≥ k rows."""
@@ -417,7 +448,7 @@ class MiniBatchKMeans:
 
         tol = 0.0
         if self.tol > 0:
-            tol = float(X.var(0, unbiased=False).mean()) * self.tol
+            tol = float(_mean_variance(X)) * self.tol
         params = _LoopParams(self, n, k, batch, tol)
         centres, n_steps = self._run(X, best, g, params)
 
@@ -461,7 +492,7 @@ class MiniBatchKMeans:
         carry = (X.new_zeros((), dtype=_F64), X.new_full((), math.inf, dtype=_F64),
                  torch.full((), -1, device=dev, dtype=torch.long))
         since = torch.zeros((), device=dev, dtype=torch.long)
-        x_sq_all = (X * X).sum(1, dtype=_F64) + 1  # ‖[x, 1]‖² of every row
+        x_sq_all = _row_sq(X) + 1  # ‖[x, 1]‖² of every row
         buf = X.new_ones(S * p.batch, d + 1, dtype=_F64)  # batches as [x, 1] rows, reused
         start = 0
         while start < budget:
@@ -515,7 +546,8 @@ class MiniBatchKMeans:
                 f"X has {X.shape[1]} features but the model was fitted on "
                 f"{self.cluster_centers_.shape[1]}"
             )
-        return _labels_inertia(X, self.cluster_centers_)[0]
+        with no_autocast():
+            return _labels_inertia(X, self.cluster_centers_)[0]
 
 
 def _centres(T: torch.Tensor, d: int) -> torch.Tensor:

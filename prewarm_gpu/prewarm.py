@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from torch import nn
 
 from . import rules
 from ._random import as_generator
-from .kmeans import MiniBatchKMeans
+from .kmeans import MiniBatchKMeans, no_autocast
 
 __all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "find_conv", "distance_weights",
            "extract_patches", "weight_and_normalise", "centre_crop"]
@@ -150,6 +151,34 @@ def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = Non
 
 
 # --------------------------------------------------------------------------- validation
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes the call may still allocate on ``device``: CUDA's free memory, Linux's
+    ``MemAvailable``; None where the OS does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _check_memory(n: int, d: int, device: torch.device) -> None:
+    """Refuse, before any work, a patch matrix (n, d) float32 that does not fit in memory. The
+    rest of a call is bounded apart from it: blocks of at most 2**22-2**24 elements (tested)."""
+    need = n * d * 4
+    free = _available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"{n} patches of {d} values need {need / 2**30:.1f} GiB for the patch "
+                         f"matrix alone, more than the {free / 2**30:.1f} GiB available on "
+                         f"{device}; lower n_patches")
+
+
+
 def _check_target(conv: nn.Conv2d, name: str) -> None:
     """The conv's weight must be a materialised, writable parameter of its own."""
     _refuse_lazy(conv, name)
@@ -160,6 +189,14 @@ def _check_target(conv: nn.Conv2d, name: str) -> None:
             "weight_norm or spectral_norm), so a write to it would be lost; apply Pre-Warm "
             "before adding the parametrization"
         )
+    cls = type(conv).__name__
+    if re.search(r"Std|WS$|WeightStandardi", cls):
+        raise ValueError(f"{label} is a weight-standardised conv ({cls}): its forward re-"
+                         "standardises the weight, so the filters' std σ that Pre-Warm writes "
+                         "would have no effect; use a plain nn.Conv2d")
+    if type(conv).forward is not nn.Conv2d.forward:
+        warnings.warn(f"{label} ({cls}) overrides Conv2d.forward: if that transforms the weight, "
+                      "the written filters' std σ may not be what the layer uses", stacklevel=4)
     if conv.weight.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{label}'s weight was created under torch.inference_mode() and cannot "
                          "be written outside it; build the model outside inference mode")
@@ -169,6 +206,8 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
     """Checks of a 4-D image tensor against the target conv; returns it as float (≥ float32)."""
     if images.shape[0] < 1:
         raise ValueError("images is an empty batch")
+    if images.is_meta:
+        raise ValueError("images are on the meta device: they hold no values")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be floating point or uint8, got {images.dtype}")
     C = images.shape[1]
@@ -288,7 +327,9 @@ def prewarm_(
         >>> model = torchvision.models.resnet18()
         >>> report = prewarm_(model, images, generator=0)  # conv1: 7×7, stride 2
     """
-    with torch.no_grad():  # images may require grad; nothing here is differentiated
+    # images may require grad (nothing here is differentiated); an ambient autocast must not
+    # lower the float64/float32 arithmetic Pre-Warm promises.
+    with torch.no_grad(), no_autocast():
         return _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size,
                         raw_images, generator, kmeans_options=kmeans_options)
 
@@ -352,6 +393,8 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     rule, stat, tau = "given", None, None
     if raw_images is not None and not isinstance(raw_images, torch.Tensor):
         raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
+    if raw_images is not None and raw_images.is_meta:
+        raise ValueError("raw_images are on the meta device: they hold no values")
     if raw_images is not None and (raw_images.ndim != 4 or raw_images.shape[1:] != x.shape[1:]):
         raise ValueError(f"raw_images must be images of the same shape as images' "
                          f"{tuple(x.shape[1:])} (any number of them); got "
@@ -382,6 +425,12 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         raise ValueError(
             f"{B} images × {P} patches = {B * P} patches, fewer than n_clusters={k}"
         )
+    positions = (H - span[0] + 1) * (W - span[1] + 1)
+    if B * positions < k:
+        raise ValueError(f"{B} images of {H}×{W} hold {B * positions} distinct {span[0]}×"
+                         f"{span[1]} windows, fewer than n_clusters={k}: some filters would be "
+                         "copies of others")
+    _check_memory(B * P, C * patch[0] * patch[1], x.device)
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
@@ -394,19 +443,34 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     centroids = _cluster(km, x, patch, dil, P)
     centroids = centre_crop(centroids, C, patch, kernel)
     # Steps 4-5 in float64 (k filters: free), then one cast to the conv's dtype.
-    filters64 = weight_and_normalise(centroids.to(torch.float64), kernel, C, sigma)
-    filters64 = filters64.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
+    normalised = weight_and_normalise(centroids.to(torch.float64), kernel, C, sigma)
+    filters64 = normalised.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
     filters = filters64.to(conv.weight.dtype)
     # The call's one read of the device's results: the checks before the write, and the report.
-    c_max, want, got, inertia = torch.stack([
-        centroids.abs().amax().to(torch.float64), filters64.std(unbiased=False),
-        filters.to(torch.float64).std(unbiased=False), km._inertia]).tolist()
+    c64 = centroids.to(torch.float64)
+    copies = (torch.cdist(c64, c64) == 0).triu(1).any(0).sum()  # centroids equal to an earlier one
+    x_max, c_max, norm, want, got, inertia, n_copies = torch.stack([
+        x.abs().amax().to(torch.float64), centroids.abs().amax().to(torch.float64),
+        normalised.std(unbiased=False), filters64.std(unbiased=False),
+        filters.to(torch.float64).std(unbiased=False), km._inertia,
+        copies.to(torch.float64)]).tolist()
+    if not (math.isfinite(c_max) and math.isfinite(inertia)):
+        raise ValueError(f"k-means overflowed: images of magnitude up to {x_max:.3g} have squared "
+                         f"distances beyond {x.dtype}'s range; rescale the images")
     if c_max == 0:
         raise ValueError("every centroid is 0: the sampled patches are constant after "
                          "mean-centring; Pre-Warm needs images with local contrast")
+    if not abs(norm - sigma) <= 0.01 * sigma:  # the paper's c / (std(c) + 1e-8) · σ
+        raise ValueError(f"the centroids' spread is too small for the normalisation's 1e-8 "
+                         f"(images of magnitude up to {x_max:.3g}): the filters' std would be "
+                         f"{norm:.3g}, not σ = {sigma:g}; rescale the images (e.g. to [0, 1])")
     if not (want > 0 and abs(got - want) <= 0.01 * want):  # also catches NaN/Inf
         raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights: "
                          f"written, their std would be {got:g} instead of {want:g}")
+    if n_copies:
+        warnings.warn(f"only {k - int(n_copies)} distinct centroids of n_clusters={k}: the batch "
+                      "has too few distinct patches, so some conditioned filters are copies",
+                      stacklevel=3)
     conv.weight[: filters.shape[0]].copy_(filters)  # under prewarm_'s no_grad; queued, not awaited
     return PrewarmReport(
         layer=name, n_clusters=filters.shape[0], n_patches=P, patch_size=patch, scale=sigma,
@@ -418,7 +482,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
 def _cluster(km: MiniBatchKMeans, x, patch, dil, n_patches):
     """Steps 1-3: extract, mean-centre, cluster with ``km``. Returns centroids (k, C·K_h·K_w)."""
     p = extract_patches(x, patch, n_patches, dilation=dil, generator=km.random_state)
-    p = p - p.mean(1, keepdim=True)
+    p -= p.mean(1, keepdim=True)  # in place: the patch matrix is the largest tensor of a call
     return km._fit(p).cluster_centers_  # p is valid: skip fit's checks
 
 
@@ -433,7 +497,7 @@ def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: i
     Listing 1 it does not reseed the global RNGs.
     """
     layer = "conv1" if isinstance(getattr(model, "conv1", None), nn.Conv2d) else None
-    with torch.no_grad():
+    with torch.no_grad(), no_autocast():
         _prewarm(model, batch_images, layer, n_clusters, n_patches, scale, patch_size, None, seed,
                  listing1=True)
     return model

@@ -152,6 +152,9 @@ def foreground_density(
     return float(_density(chunks, threshold))
 
 
+_GATHER_BLOCK = 1 << 24  # int64 index elements per gather block (128 MiB)
+
+
 def random_patches(images: torch.Tensor, kh: int, kw: int, n_patches: int, g: torch.Generator,
                    dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """``n_patches`` windows per image at uniform random top-left corners (every valid one, as
@@ -167,8 +170,10 @@ def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                    dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Patches at (b, rows[b, p], cols[b, p]) as (B·P, C·kh·kw), flattened (C, kh, kw).
 
-    One ``take`` on flat indices (top-left offset + window offsets); no Python loop over images or
-    patches.
+    ``take`` on flat indices (top-left offset + window offsets); no Python loop over images or
+    patches. The int64 index matrix is built in blocks of at most ``_GATHER_BLOCK`` elements
+    (128 MiB), so the extra memory is bounded whatever the patch count (a typical batch is one
+    block).
     """
     B, C, H, W = images.shape
     dev = images.device
@@ -176,9 +181,16 @@ def gather_patches(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     dj = torch.arange(kw, device=dev) * dilation[1]
     ch = torch.arange(C, device=dev) * (H * W)
     window = (ch[:, None, None] + di[None, :, None] * W + dj[None, None, :]).reshape(-1)
-    corner = torch.arange(B, device=dev)[:, None] * (C * H * W) + rows * W + cols  # (B, P)
+    corner = (torch.arange(B, device=dev)[:, None] * (C * H * W) + rows * W + cols).reshape(-1, 1)
     flat = images.contiguous().reshape(-1)
-    return flat.take(corner.reshape(-1, 1) + window)
+    n, d = corner.shape[0], window.numel()
+    step = max(1, _GATHER_BLOCK // d)
+    if n <= step:
+        return flat.take(corner + window)
+    out = images.new_empty(n, d)
+    for s in range(0, n, step):
+        torch.take(flat, corner[s : s + step] + window, out=out[s : s + step])
+    return out
 
 
 def _box_sum(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:

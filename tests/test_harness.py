@@ -252,13 +252,35 @@ def test_a_programming_error_in_an_initialiser_is_not_a_failed_row(tmp_path, mon
     assert [r["init"] for r in recs] == ["kaiming"]  # the finished run is kept
 
 
+def _rec(key, **kw):
+    base = {"key": key, "status": "ok", "accuracy": 0.9, "config": {}, "curves": {}}
+    return json.dumps({**base, **kw})
+
+
 def test_read_results_skips_garbage(tmp_path):
     p = tmp_path / "results.jsonl"
-    p.write_text('{"key": "a"}\nnot json\n[1, 2]\n{"key": "b"}\n{"key": "c", "trunc')
+    p.write_text(f'{_rec("a")}\nnot json\n[1, 2]\n{_rec("b")}\n{{"key": "c", "trunc')
     with pytest.warns(UserWarning) as w:
         recs = read_results(p)
     assert [r["key"] for r in recs] == ["a", "b"]
     assert len(w) == 3 and "last line" in str(w[-1].message)
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"key": ["x"]}', "no string 'key'"),
+    ('{"key": "k", "status": "ok"}', "no 'config' object"),
+    (_rec("k", accuracy=float("nan")), "without a finite accuracy"),
+    (_rec("k", accuracy=None), "without a finite accuracy"),
+    (_rec("k", status="done"), "neither 'ok' nor 'failed'"),
+])
+def test_incomplete_records_are_corrupt_not_trusted(tmp_path, line, why):
+    p = tmp_path / "results.jsonl"
+    p.write_text(f'{_rec("a")}\n{line}\n')
+    with pytest.warns(UserWarning, match=why):
+        assert [r["key"] for r in read_results(p)] == ["a"]
+    assert harness.repair_results(p) == 1
+    assert (tmp_path / "results.jsonl.torn").read_text() == line + "\n"
+    assert p.read_text() == _rec("a") + "\n"
 
 
 def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):

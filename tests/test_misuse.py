@@ -1,0 +1,310 @@
+"""Reliability under load and misuse (issue 16): the ten findings of an adversarial pass, kept.
+
+Each test failed before its fix. Memory is held by the size of the largest tensor any op creates
+(counted on the CPU with a dispatch mode), not by a timing or an RSS figure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from prewarm_gpu import MiniBatchKMeans, harness, kmeans, prewarm_, rules
+from prewarm_gpu.harness import SweepConfig, read_results, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The largest tensor (bytes) any ATen op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.nbytes > self.largest:
+                self.largest, self.op = t.nbytes, str(func)
+        return out
+
+
+# 1. memory without bound ---------------------------------------------------------------------
+
+
+def test_no_temporary_is_larger_than_the_patch_matrix(monkeypatch):
+    """With small blocks, no op creates a tensor larger than the (N, d) float32 patch matrix: no
+    float64 copy of it (‖x‖², the variance) and no (N, d) int64 gather index. Before, both were
+    built whole. (The k-means loop's own buffer, 16 batches of float64 rows, does not grow with
+    N; batch_size=16 keeps it below this tiny patch matrix.)"""
+    monkeypatch.setattr(kmeans, "_CHUNK", 1 << 12)
+    monkeypatch.setattr(rules, "_GATHER_BLOCK", 1 << 12)
+    conv = nn.Conv2d(3, 16, 4, stride=4)
+    x = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with _LargestTensor() as m:
+        r = prewarm_(conv, x, n_patches=300, scale=0.2,
+                     kmeans_options={"tol": 1e-4, "batch_size": 16}, generator=0)
+    patch_matrix = 4 * r.n_patches * 3 * 4 * 4 * 4  # B·P·d float32
+    assert m.largest <= patch_matrix, (m.largest, m.op)
+
+
+def test_n_patches_beyond_memory_is_refused_up_front_with_the_figure():
+    net = nn.Conv2d(1, 8, 3)
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"need \d+\.\d GiB for the patch matrix alone, more "
+                       r"than the .* GiB available"):
+        prewarm_(net, torch.rand(64, 1, 28, 28), n_patches=10**12, generator=0)
+    assert _unchanged(net, before)
+
+
+# 2. one writer per sweep ---------------------------------------------------------------------
+
+
+def test_a_second_writer_on_the_same_out_is_refused(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    code = ("import sys, time; from pathlib import Path; from prewarm_gpu.harness import "
+            "sweep_lock\nwith sweep_lock(Path(sys.argv[1])):\n print('locked', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(harness.SweepLockedError, match=f"pid {holder.pid}"):
+            run_sweep(SweepConfig(out=tmp_path, steps=2, progress=False))
+        assert not (tmp_path / "results.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with harness.sweep_lock(tmp_path):  # the killed holder's lock is gone with it: not stale
+        pass
+
+
+def test_the_cli_says_the_folder_is_in_use(tmp_path, capsys):
+    from prewarm_gpu import cli
+
+    with harness.sweep_lock(tmp_path):
+        # flock is per open file: the same process opening it again is a second writer too
+        code = cli.main(["reproduce", "--out", str(tmp_path), "--steps", "2", "--no-progress"])
+    assert code == 2 and "in use by another prewarm-gpu" in capsys.readouterr().err
+
+
+# 3. autocast-proof ---------------------------------------------------------------------------
+
+
+def test_an_ambient_autocast_changes_nothing(digits_images):
+    x = digits_images[:128]
+    plain, under = nn.Conv2d(1, 16, 3), nn.Conv2d(1, 16, 3)
+    under.load_state_dict(plain.state_dict())
+    prewarm_(plain, x, generator=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prewarm_(under, x, generator=3)
+        km = MiniBatchKMeans(8, random_state=0).fit(x.reshape(-1, 64))
+    assert torch.equal(plain.weight, under.weight)
+    ref = MiniBatchKMeans(8, random_state=0).fit(x.reshape(-1, 64))
+    assert torch.equal(km.cluster_centers_, ref.cluster_centers_)
+    assert km.inertia_ == ref.inertia_
+
+
+# 4. output folder checked before training, no torn line after a write failure ----------------
+
+
+def test_a_read_only_out_fails_before_training(tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(harness.tempfile, "NamedTemporaryFile", refuse)
+    trained = []
+    monkeypatch.setattr(harness, "run_batch", lambda *a, **k: trained.append(1))
+    with pytest.raises(harness.ResultsWriteError, match="not writable .*nothing was trained"):
+        run_sweep(SweepConfig(out=out, steps=2, progress=False))
+    assert not trained
+
+
+def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness.shutil, "disk_usage", lambda p: os.statvfs_result if False else
+                        type("U", (), {"free": 1 << 20})())
+    with pytest.raises(harness.ResultsWriteError, match="only 1 MiB free"):
+        run_sweep(SweepConfig(out=tmp_path, steps=2, progress=False))
+
+
+def test_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    good = {"key": "a", "status": "ok", "accuracy": 0.5, "config": {}, "curves": {}}
+    harness.append_result(path, good)
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness.os, "fsync", full)
+    with pytest.raises(harness.ResultsWriteError, match="No space left"):
+        harness.append_result(path, {**good, "key": "b"})
+    monkeypatch.setattr(harness.os, "fsync", real_fsync)
+    assert path.read_text() == json.dumps(good) + "\n"
+
+
+def test_the_cli_exits_4_when_out_is_not_writable(tmp_path, monkeypatch, capsys):
+    from prewarm_gpu import cli
+
+    monkeypatch.setattr(harness.tempfile, "NamedTemporaryFile",
+                        lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    code = cli.main(["reproduce", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "not writable" in err and "\n" not in err
+
+
+# 5. extreme pixel scales: never silently wrong ---------------------------------------------
+
+
+@pytest.mark.parametrize("factor, match", [
+    (1e-10, "spread is too small for the normalisation's 1e-8"),
+    (1e-20, "spread is too small for the normalisation's 1e-8"),
+    (1e38, "k-means overflowed"),
+])
+def test_extreme_pixel_scales_refuse(digits_images, factor, match):
+    net = nn.Conv2d(1, 16, 3)
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=match):
+        prewarm_(net, digits_images[:128] * factor, n_patches=9, scale=0.2, generator=0)
+    assert _unchanged(net, before)
+
+
+def test_float64_overflow_does_not_blame_the_conv_dtype(digits_images):
+    net = nn.Conv2d(1, 16, 3).double()
+    with pytest.raises(ValueError, match="k-means overflowed"):
+        prewarm_(net, digits_images[:128].double() * 1e200, n_patches=9, scale=0.2, generator=0)
+
+
+def test_large_and_moderate_scales_give_sigma_and_distinct_filters(digits_images):
+    # Before, ×1e18 gave inertia = inf and a duplicated filter; squares are now float64.
+    for factor in (1e-4, 1e4, 1e18, 1e30):
+        net = nn.Conv2d(1, 16, 3)
+        prewarm_(net, digits_images[:128] * factor, n_patches=9, scale=0.2, generator=0)
+        w = net.weight[:8].detach().double()
+        assert float(w.std(unbiased=False)) == pytest.approx(0.2, rel=1e-3)
+        assert len(torch.unique(w.reshape(8, -1), dim=0)) == 8
+
+
+# 6. weight-standardised convs --------------------------------------------------------------
+
+
+class StdConv2d(nn.Conv2d):  # as timm's: the forward re-standardises the weight
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-6)
+        return self._conv_forward(x, w, self.bias)
+
+
+class PaddedConv(nn.Conv2d):  # another forward that leaves the weight alone
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_weight_standardised_convs_are_refused_with_the_reason(digits_images):
+    net = StdConv2d(1, 16, 3)
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match="weight-standardised conv .StdConv2d.*no effect"):
+        prewarm_(net, digits_images[:64], generator=0)
+    assert _unchanged(net, before)
+    with pytest.warns(UserWarning, match="overrides Conv2d.forward"):
+        prewarm_(PaddedConv(1, 16, 3), digits_images[:64], generator=0)
+
+
+# 7. the promised error types ---------------------------------------------------------------
+
+
+def test_reassignment_ratio_out_of_range_is_a_value_error():
+    with pytest.raises(ValueError, match="reassignment_ratio"):
+        MiniBatchKMeans(8, reassignment_ratio=1.5).fit(torch.rand(100, 4))
+
+
+def test_meta_tensors_are_a_value_error(digits_images):
+    net = nn.Conv2d(1, 16, 3)
+    with pytest.raises(ValueError, match="raw_images are on the meta device"):
+        prewarm_(net, digits_images[:64], raw_images=torch.empty(64, 1, 8, 8, device="meta"),
+                 generator=0)
+    with pytest.raises(ValueError, match="images are on the meta device"):
+        prewarm_(nn.Conv2d(1, 16, 3, device="meta"), torch.empty(64, 1, 8, 8, device="meta"))
+
+
+# 8. incomplete records (see also test_harness's parametrised cases) -------------------------
+
+
+def test_an_incomplete_ok_record_is_not_counted_as_done(tmp_path, digits, monkeypatch):
+    monkeypatch.setattr(harness, "load_dataset", lambda *a, **k: digits)
+    cfg = SweepConfig(seeds=[1], out=tmp_path, steps=2, eval_points=1, loss_points=1,
+                      progress=False)
+    key = harness.plan_runs(cfg)[0].key
+    (tmp_path / "results.jsonl").write_text(json.dumps({"key": key, "status": "ok"}) + "\n")
+    ran = []
+    run_sweep(SweepConfig(**{**cfg.__dict__, "resume": True}),
+              after_run=lambda r: ran.append(r["key"]), log=lambda s: None)
+    assert key in ran
+    recs = read_results(tmp_path / "results.jsonl")
+    assert len(recs) == 2 and all(r["accuracy"] is not None for r in recs)
+
+
+# 9. the global default generator -----------------------------------------------------------
+
+
+def test_the_global_default_generator_is_refused(digits_images):
+    X = torch.rand(50, 3, generator=torch.Generator().manual_seed(0))
+    conv = nn.Conv2d(1, 16, 3)  # its init draws from the global RNG: before the snapshot
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="global default generator"):
+        prewarm_(conv, digits_images[:64], generator=torch.default_generator)
+    with pytest.raises(ValueError, match="global default generator"):
+        MiniBatchKMeans(4, random_state=torch.default_generator).fit(X)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# 10. degenerate results said, not silent ---------------------------------------------------
+
+
+def test_too_few_distinct_windows_for_n_clusters_is_refused():
+    net = nn.Conv2d(1, 32, 3)
+    with pytest.raises(ValueError, match="hold 2 distinct 3×3 windows, fewer than n_clusters=32"):
+        prewarm_(net, torch.rand(2, 1, 3, 3), n_clusters=32, n_patches=16, generator=0)
+
+
+def test_duplicate_centroids_are_warned():
+    x = torch.zeros(4, 1, 8, 8)
+    x[:, :, 2:4, 2:4] = 1.0  # a few distinct patches, many identical ones
+    with pytest.warns(UserWarning, match="distinct centroids of n_clusters=16"):
+        prewarm_(nn.Conv2d(1, 32, 3), x, n_patches=36, scale=0.2, generator=0)
+
+
+def test_kmeans_refuses_zero_features():
+    with pytest.raises(ValueError, match="0 features"):
+        MiniBatchKMeans(2).fit(torch.rand(100, 0))
+
+
+def test_a_clean_call_warns_nothing(digits_images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prewarm_(nn.Conv2d(1, 16, 3), digits_images[:128], generator=0)
