@@ -120,9 +120,10 @@ def run_single(data: ImageData, cfg: TrainConfig, seeds: list[int]) -> None:
         train(m, data, cfg, seed=s)
 
 
-def run_batched(data: ImageData, cfg: TrainConfig, seeds: list[int], precision: str) -> None:
+def run_batched(data: ImageData, cfg: TrainConfig, seeds: list[int], precision: str,
+                backend: str = "auto") -> None:
     train_batched(models_for(data, seeds), data, cfg, seeds=_arm_seeds(seeds),
-                  precision=precision)
+                  precision=precision, backend=backend)
 
 
 def _arm_seeds(seeds: list[int]) -> list[int]:
@@ -173,6 +174,13 @@ def main(argv=None) -> dict:
         t_b = timed(run_single, dev, data, cfg_cmp, seeds)
         t_c = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision)
         images = runs * cmp_steps * base.batch_size
+        # Each backend on the same runs and steps: the figures prewarm_gpu.batched.MEASURED holds.
+        speeds = {}
+        for backend in ("grouped", "vmap", "loop"):
+            run_batched(data, warm, seeds[:1], args.precision, backend)
+            t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, backend)
+            speeds[backend] = runs * cmp_steps / t
+        row["backend_run_steps_s"] = speeds
         row.update({"paper_style_s": t_a, "single_run_s": t_b, "batched_s": t_c,
                     "paper_style_img_s": images / t_a, "single_run_img_s": images / t_b,
                     "batched_img_s": images / t_c, "batched_vs_paper_style": t_a / t_c,
@@ -193,6 +201,11 @@ def main(argv=None) -> dict:
               f"{cmp_steps} steps; batched {t_a / t_c:.1f}× paper-style, "
               f"{t_b / t_c:.2f}× single-run; sweep {t_sweep:.2f}s", file=sys.stderr)
     result["sweep_batched_total_s"] = sweep_seconds
+    # Run-steps/s per backend, averaged over the datasets: load into the choice of --backend auto
+    # with prewarm_gpu.batched.load_measured(this JSON).
+    rows = [r["backend_run_steps_s"] for r in result["datasets"].values()]
+    result["measured"] = {torch.device(dev).type: {
+        b: sum(r[b] for r in rows) / len(rows) for b in rows[0]}} if rows else {}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

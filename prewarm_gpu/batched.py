@@ -35,7 +35,8 @@ from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
 from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
-__all__ = ["train_batched", "choose_backend", "PRECISIONS", "BACKENDS", "MEASURED"]
+__all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BACKENDS",
+           "MEASURED"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -309,6 +310,24 @@ MEASURED: dict[str, dict[str, float]] = {
     "cuda": {"grouped": 911.0, "vmap": 656.0, "loop": 574.0},
     "cpu": {"loop": 54.5, "grouped": 38.7, "vmap": 25.7},
 }
+
+
+def load_measured(path: str) -> dict[str, dict[str, float]]:
+    """Update :data:`MEASURED` from a ``bench_training.py`` (or GPU suite) JSON's ``measured``
+    table (run-steps/s per device type and backend); returns the table now in use."""
+    import json
+
+    with open(path) as f:
+        blob = json.load(f)
+    table = blob.get("measured") or (blob.get("training") or {}).get("measured")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{path} has no 'measured' table of run-steps/s per backend")
+    for device_type, speeds in table.items():
+        unknown = set(speeds) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"{path}: unknown backends {sorted(unknown)}")
+        MEASURED.setdefault(device_type, {}).update({b: float(v) for b, v in speeds.items()})
+    return MEASURED
 
 
 def _usable(models: list[nn.Module]) -> list[str]:

@@ -250,3 +250,17 @@ def test_an_interrupted_sweep_resumes_from_checkpoints_to_the_same_records(
         assert r["accuracy"] == ref[k]["accuracy"] and r["curves"] == ref[k]["curves"], k
     assert not any((out / "checkpoints").glob("*"))  # finished runs' checkpoints are removed
     assert json.loads((out / "summary.json").read_text())["datasets"]["digits"]["missing"] == []
+
+
+def test_measured_speeds_from_a_benchmark_json_decide_auto(tmp_path, monkeypatch):
+    from prewarm_gpu import batched
+
+    monkeypatch.setattr(batched, "MEASURED", {"cpu": dict(MEASURED["cpu"])})
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"measured": {"cpu": {"grouped": 99.0, "vmap": 1.0,
+                                                     "loop": 2.0}}}))
+    batched.load_measured(str(path))
+    assert choose_backend("auto", _models([1, 2]), torch.device("cpu")) == "grouped"
+    path.write_text(json.dumps({"measured": {"cpu": {"magic": 1.0}}}))
+    with pytest.raises(ValueError, match="unknown backends"):
+        batched.load_measured(str(path))
