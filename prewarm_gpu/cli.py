@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="complete the sweep in --out: run only the runs missing from "
                    "results.jsonl, continuing interrupted ones from their checkpoints")
+    r.add_argument("--report-only", action="store_true",
+                   help="rewrite summary.json, table.md (and the plots with --plot) from the "
+                   "results in --out; train nothing")
     r.add_argument("--retry-failed", action="store_true",
                    help="with --resume, also rerun runs recorded as failed")
     r.add_argument("--plot", action="store_true",
@@ -225,6 +228,7 @@ def _sweep_config(args: argparse.Namespace):
         eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
+        report_only=args.report_only,
     )
 
 

@@ -128,6 +128,7 @@ class SweepConfig:
     backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
     baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
     checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
+    report_only: bool = False  # rewrite summary, table (and plots) from results.jsonl; train none
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -872,11 +873,13 @@ class SweepInterrupted(KeyboardInterrupt):
 def _check_out(config: SweepConfig) -> None:
     path = config.out / RESULTS
     has_results = path.exists() and path.stat().st_size > 0
-    if has_results and not config.resume:
+    if has_results and not (config.resume or config.report_only):
         raise ResultsExistError(
             f"{path} already holds results; pass --resume to complete that sweep (only missing "
             f"runs are run), or choose another --out. Nothing was overwritten.")
     has_checkpoints = any((config.out / CHECKPOINTS).glob("*.pt"))
+    if config.report_only and not has_results:
+        raise NothingToResumeError(f"--report-only: {config.out} holds no results to report")
     if config.resume and not has_results and not has_checkpoints:
         raise NothingToResumeError(
             f"--resume: {config.out} holds no finished run ({RESULTS} is missing or empty) and "
@@ -953,7 +956,8 @@ def _run_sweep(config: SweepConfig, specs: list[RunSpec], log, after_run) -> str
             "runs will be run again")
     records = read_results(path)
     latest = _latest(records)
-    todo = [s for s in specs if not _done(latest.get(s.key), config.retry_failed)]
+    todo = [] if config.report_only else \
+        [s for s in specs if not _done(latest.get(s.key), config.retry_failed)]
     env = environment(config.device)
     if config.resume:
         log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "

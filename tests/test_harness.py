@@ -333,3 +333,14 @@ def test_jsonable():
                            "c": torch.zeros(2000), 3: float("nan")})
     assert j == {"a": [1.0, None], "b": [1, "x"], "c": {"shape": [2000], "dtype": "float32"},
                  "3": None}
+
+
+def test_report_only_rewrites_the_tables_without_training(tmp_path):
+    run_sweep(tiny(tmp_path, seeds=[42]))
+    (tmp_path / "table.md").unlink()
+    ran = []
+    table = run_sweep(tiny(tmp_path, seeds=[42, 7], report_only=True), after_run=ran.append)
+    assert ran == [] and (tmp_path / "table.md").read_text().strip() == table.strip()
+    assert "not run yet (2): digits kaiming seed 7, digits prewarm seed 7" in table
+    with pytest.raises(harness.NothingToResumeError, match="no results to report"):
+        run_sweep(tiny(tmp_path / "empty", report_only=True))
