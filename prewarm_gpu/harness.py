@@ -1031,8 +1031,8 @@ def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) 
     saved = ckpt.active.saved_step if ckpt is not None and ckpt.active is not None else None
     if lost:
         one = len(lost) == 1
-        what = f"the run in flight ({lost[0].label})" if one else \
-            f"the {len(lost)} runs training together in flight ({lost[0].dataset}, batched)"
+        what = f"the run {lost[0].label}" if one else \
+            f"the {len(lost)} runs training together ({lost[0].dataset}, batched)"
         if saved:
             parts.append(f"In flight: {what}; {'its' if one else 'their'} progress up to step "
                          f"{saved} is checkpointed in {ckpt.path}, and --resume continues from "

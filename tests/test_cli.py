@@ -203,7 +203,7 @@ def test_an_interrupted_batch_says_exactly_what_was_kept(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert code == 130
     assert "0 of 4 runs are finished and kept" in err
-    assert "Lost: the 4 runs training together in flight" in err
+    assert "Lost: the 4 runs training together" in err
     assert "every finished run is kept" not in err
 
 

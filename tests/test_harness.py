@@ -220,7 +220,7 @@ def test_interrupting_a_batch_says_the_batch_in_flight_was_lost(tmp_path, monkey
         run_sweep(tiny(tmp_path))
     msg = str(e.value)
     assert msg.startswith("0 of 4 runs are finished and kept")
-    assert "Lost: the 4 runs training together in flight (digits, batched)" in msg
+    assert "Lost: the 4 runs training together (digits, batched)" in msg
     assert "Nothing to resume: run the same command again (without --resume)" in msg
 
 
