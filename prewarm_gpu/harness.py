@@ -784,7 +784,10 @@ def render_tables(summary: dict[str, Any]) -> str:
              "paired difference (method − Kaiming); Δerr% = −Δacc / (1 − mean Kaiming acc); p: "
              "one-sided paired t-test (method > Kaiming), * p<0.1, ** p<0.05, *** p<0.01, marked "
              f"only from n ≥ {MIN_PAIRS_FOR_MARKS} pairs; n/a: undefined (fewer than 2 pairs, or "
-             "every paired difference equal); wins: seeds where the method is strictly ahead."]
+             "every paired difference equal); wins: seeds where the method is strictly ahead; "
+             "Wilcoxon p: one-sided signed-rank test of the same pairs; 95 % CI Δacc: paired "
+             "bootstrap (BCa, 9999 resamples, fixed seed; n ≥ 3); p (Holm): the t-test's p "
+             "adjusted across this table's datasets, per method."]
     if conv:
         parts += ["", f"| Dataset | Method | steps to loss < {target:g}, Kaiming | method |",
                   "| --- | --- | ---: | ---: |", *conv, "",

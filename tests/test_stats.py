@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
@@ -9,6 +10,7 @@ from prewarm_gpu.stats import (
     PairedStats,
     format_mean_std,
     format_p,
+    holm,
     paired_stats,
     significance,
     table3_markdown,
@@ -103,6 +105,35 @@ def test_significance_needs_five_pairs(n, stars):
     assert format_p(0.001, n) == "0.0010" + stars
 
 
+def test_wilcoxon_is_one_sided_and_exact_on_small_samples():
+    # Four positive, distinct differences: W+ = 1+2+3+4 = 10, its largest value; exact one-sided
+    # p = P(W+ >= 10) = 1/2**4.
+    s = paired_stats([0.91, 0.92, 0.93, 0.94], [0.90, 0.90, 0.90, 0.90])
+    assert s.wilcoxon_p == pytest.approx(1 / 16)
+    worse = paired_stats([0.90, 0.90, 0.90, 0.90], [0.91, 0.92, 0.93, 0.94])
+    assert worse.wilcoxon_p == pytest.approx(1.0)
+    assert math.isnan(paired_stats([0.9, 0.8], [0.9, 0.8]).wilcoxon_p)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    m, k = [0.93, 0.95, 0.94, 0.96, 0.92], [0.92, 0.93, 0.93, 0.95, 0.93]
+    s, again = paired_stats(m, k), paired_stats(m, k)
+    d = np.subtract(m, k)
+    assert d.min() - 1e-12 <= s.ci_low < s.delta_acc < s.ci_high <= d.max() + 1e-12
+    assert (s.ci_low, s.ci_high) == (again.ci_low, again.ci_high)
+    assert math.isnan(paired_stats([0.9, 0.8], [0.8, 0.8]).ci_low)  # n < 3
+
+
+@pytest.mark.parametrize("p, want", [
+    ([0.01, 0.04, 0.03], [0.03, 0.06, 0.06]),  # 3·0.01; max(3·0.01, 2·0.03); max(0.06, 1·0.04)
+    ([math.nan, 0.02, 0.01], [math.nan, 0.02, 0.02]),
+    ([0.5, 0.6], [1.0, 1.0]),
+])
+def test_holm_by_hand(p, want):
+    got = holm(p)
+    assert np.allclose(got, want, equal_nan=True)
+
+
 def test_table3_markdown_rows_and_mean_row():
     a = paired_stats([0.93, 0.95, 0.94, 0.96], [0.92, 0.93, 0.93, 0.95])
     b = paired_stats([0.9], [0.9])
@@ -110,9 +141,13 @@ def test_table3_markdown_rows_and_mean_row():
     lines = table.splitlines()
     assert lines[0].startswith("| Dataset | Method | n | Kaiming |")
     # p = 0.0077 from 4 pairs: printed, but not starred (marks need >= 5 pairs)
-    assert "| MNIST | prewarm | 4 | 0.9325 ± 0.0126 | 0.9450 ± 0.0129 | +0.0125 | -18.52% | " \
-           "0.0077 | 4/4 |" in lines
-    assert "| SVHN | prewarm | 1 | 0.9000 | 0.9000 | +0.0000 | +0.00% | n/a | 0/1 |" in lines
+    row = next(ln for ln in lines if ln.startswith("| MNIST"))
+    assert row.startswith("| MNIST | prewarm | 4 | 0.9325 ± 0.0126 | 0.9450 ± 0.0129 | +0.0125 | "
+                          "-18.52% | 0.0077 | 4/4 | ")
+    # the Holm family of prewarm is {0.0077, n/a}: one p, unadjusted
+    assert row.endswith(f"| {a.wilcoxon_p:.4f} | [{a.ci_low:+.4f}, {a.ci_high:+.4f}] | 0.0077 |")
+    assert "| SVHN | prewarm | 1 | 0.9000 | 0.9000 | +0.0000 | +0.00% | n/a | 0/1 | n/a | n/a | " \
+           "n/a |" in lines
     mean = [ln for ln in lines if ln.startswith("| Mean | prewarm")]
     assert mean and "| +0.006" in mean[0] and "| -9.26% |" in mean[0]  # (0.0125 + 0) / 2
     assert isinstance(a, PairedStats)
