@@ -113,7 +113,23 @@ def test_the_cli_says_the_folder_is_in_use(tmp_path, capsys):
 # 3. autocast-proof ---------------------------------------------------------------------------
 
 
-def test_an_ambient_autocast_changes_nothing(digits_images):
+def test_an_ambient_autocast_is_off_inside_and_changes_nothing(digits_images, monkeypatch):
+    """Inside, autocast is off (a float32 matmul would otherwise run in bf16); outside results
+    are bit-identical. (On the CPU today's code computes in float64, which autocast leaves alone,
+    so the first check is what holds the promise for code yet to come.)"""
+    seen = []
+    real_patches, real_fit = rules.random_patches, MiniBatchKMeans._fit
+
+    def patches(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_patches(*a, **k)
+
+    def fit(self, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(rules, "random_patches", patches)
+    monkeypatch.setattr(MiniBatchKMeans, "_fit", fit)
     x = digits_images[:128]
     plain, under = nn.Conv2d(1, 16, 3), nn.Conv2d(1, 16, 3)
     under.load_state_dict(plain.state_dict())
@@ -121,6 +137,7 @@ def test_an_ambient_autocast_changes_nothing(digits_images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         prewarm_(under, x, generator=3)
         km = MiniBatchKMeans(8, random_state=0).fit(x.reshape(-1, 64))
+    assert seen and not any(seen)
     assert torch.equal(plain.weight, under.weight)
     ref = MiniBatchKMeans(8, random_state=0).fit(x.reshape(-1, 64))
     assert torch.equal(km.cluster_centers_, ref.cluster_centers_)
