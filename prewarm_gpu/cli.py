@@ -370,8 +370,7 @@ def _prepare(args: argparse.Namespace):
         names = _datasets(args.dataset)
         if not args.download:
             for n in names:
-                if n != "digits":
-                    locate(n, args.data_dir)
+                locate(n, args.data_dir)
         return lambda: _stats(args)
     from .harness import prepare_sweep
 

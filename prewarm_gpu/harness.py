@@ -616,12 +616,7 @@ def repair_results(path: Path) -> int:
         f.write(b"".join(b + b"\n" for b in bad))
         f.flush()
         os.fsync(f.fileno())
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(b + b"\n" for b in good))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, b"".join(b + b"\n" for b in good))
     return len(bad)
 
 
@@ -648,10 +643,14 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
         raise ResultsWriteError(f"could not write {path}: {e}") from e
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (a ``.part`` file, fsync'd, then renamed)."""
     tmp = path.with_name(path.name + ".part")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -895,8 +894,7 @@ def _check_data(config: SweepConfig) -> None:
     if config.download:
         return
     for ds in config.datasets:
-        if ds != "digits":
-            locate(ds, config.data_dir)  # raises, naming every place looked at
+        locate(ds, config.data_dir)  # raises, naming every place looked at (digits: no files)
 
 
 def _progress_bar(total: int, enabled: bool):
