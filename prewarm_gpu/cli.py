@@ -32,7 +32,7 @@ import torch
 
 from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
 
-__all__ = ["main", "build_parser", "parse_init_options", "stats_table"]
+__all__ = ["main", "build_parser", "parse_init_options"]
 
 
 _DATA_DIR_HELP = ("where the dataset's files are: torchvision's layout, or MNIST-style idx files "
@@ -207,7 +207,7 @@ def _filterbank(args: argparse.Namespace) -> int:
 # --- reproduce -----------------------------------------------------------------------------------
 
 def _sweep_config(args: argparse.Namespace):
-    from .harness import SEEDS, SweepConfig
+    from .experiment import SEEDS, SweepConfig
 
     datasets = _datasets(args.dataset)
     options = parse_init_options(args.init_option)
@@ -233,65 +233,21 @@ def _sweep_config(args: argparse.Namespace):
 
 
 def _reproduce(args: argparse.Namespace, config) -> int:
-    from .harness import RESULTS, SUMMARY, run_sweep
+    from .experiment import RESULTS, SUMMARY, reproduce
 
-    table = run_sweep(config)
-    print(table, flush=True)
+    outcome = reproduce(config)
+    print(outcome.table, flush=True)
     print(f"\nresults: {config.out / RESULTS}, {SUMMARY}, table.md", file=sys.stderr)
-    summary = json.loads((config.out / SUMMARY).read_text(encoding="utf-8"))
-    failed = sum(len(e["failed"]) for e in summary["datasets"].values())
-    return 1 if failed else 0
+    return 1 if outcome.failed else 0
 
 
 # --- stats ---------------------------------------------------------------------------------------
 
-def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
-    return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
-
-
-def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
-              n_filters: int = 32) -> dict[str, Any]:
-    """Table 1's derived quantities for one dataset, over its whole training split."""
-    from . import rules
-    from .data import load_dataset
-    from .models import fc_dim
-
-    data = load_dataset(name, data_dir=data_dir, download=download, device=device)
-    if data.source is not None:
-        print(f"{data.spec.name}: read from {data.source}", file=sys.stderr)
-    s = data.spec
-    # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
-    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
-    tau = rules.otsu_threshold(chunks, nbins=256)
-    d = rules.foreground_density(chunks, threshold=tau)
-    norm = rules.mean_patch_norm(chunks, 3)
-    gray = s.in_channels == 1
-    n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
-                 else rules.n_patches_color(norm, n_filters))
-    return {"dataset": s.title, "in_channels": s.in_channels,
-            "image": f"{s.image_size[0]}×{s.image_size[1]}", "fc_dim": fc_dim(s.image_size),
-            "lr": f"{s.lr_start:g}→{s.lr_end:g}", "otsu_tau": tau, "d": d, "mean_patch_norm": norm,
-            "n_patches": n_patches, "rule": "eq. 5 (Otsu)" if gray else "eq. 6 (patch norm)",
-            "scale": rules.default_scale(s.in_channels, 3),
-            "paper": (f"{s.paper_n_patches} / {s.paper_scale:.2f}"
-                      if s.paper_n_patches is not None else "—")}
-
-
-def stats_table(rows: list[dict[str, Any]]) -> str:
-    """Rows of :func:`stats_row` as a Markdown table (Table 1's columns plus the statistics)."""
-    out = ["| Dataset | C_in | Image | FC dim | η_start→η_end | Otsu τ* | d | mean ‖p̃‖₂ | "
-           "n_patches | rule | σ | paper n_patches / σ |",
-           "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for r in rows:
-        out.append(f"| {r['dataset']} | {r['in_channels']} | {r['image']} | {r['fc_dim']} | "
-                   f"{r['lr']} | {r['otsu_tau']:.4f} | {r['d']:.4f} | {r['mean_patch_norm']:.4f} | "
-                   f"{r['n_patches']} | {r['rule']} | {r['scale']:.2f} | {r['paper']} |")
-    return "\n".join(out)
-
-
 def _stats(args: argparse.Namespace) -> int:
+    from .experiment.report import stats_row, stats_table
+
     rows = [stats_row(n, data_dir=args.data_dir, download=args.download, device=args.device,
-                      n_filters=args.n_filters) for n in _datasets(args.dataset)]
+                      n_filters=args.n_filters, log=_err) for n in _datasets(args.dataset)]
     print(stats_table(rows))
     print("\nτ*, d over every training pixel; mean ‖p̃‖₂ over every 3×3 patch position of the raw "
           "[0, 1] training images; n_patches by the rule for the dataset's channel count; σ of "
@@ -347,6 +303,10 @@ def _on_sigterm(signum, frame):  # a kill ends the sweep like Ctrl-C: finished r
     raise KeyboardInterrupt
 
 
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=file or sys.stderr, flush=True)
 
@@ -357,9 +317,9 @@ def _prepare(args: argparse.Namespace):
     if hasattr(args, "device"):
         check_device(args.device)
     if args.command == "filterbank":
-        from .methods.filterbank import run_models
+        from .experiment.records import trained_models
 
-        if not run_models(args.runs, args.dataset, args.init):
+        if not trained_models(args.runs, args.dataset, args.init):
             raise UsageError(f"no trained models in {args.runs / 'models'} (looked for "
                              f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
                              f"init={args.init!r}); run reproduce --save-models first")
@@ -372,7 +332,7 @@ def _prepare(args: argparse.Namespace):
             for n in names:
                 locate(n, args.data_dir)
         return lambda: _stats(args)
-    from .harness import prepare_sweep
+    from .experiment import prepare_sweep
 
     config, _ = prepare_sweep(_sweep_config(args))
     args.out = config.out
@@ -380,7 +340,7 @@ def _prepare(args: argparse.Namespace):
 
 
 def _user_errors():
-    from .harness import NothingToResumeError, ResultsExistError, SweepLockedError
+    from .experiment import NothingToResumeError, ResultsExistError, SweepLockedError
 
     return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError,
             SweepLockedError)
@@ -404,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
-    from .harness import ResultsWriteError
+    from .experiment import ResultsWriteError
 
     try:
         try:
@@ -421,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsWriteError as e:
         return _error(e, 4)
     except KeyboardInterrupt as e:
-        from .harness import SweepInterrupted
+        from .experiment import SweepInterrupted
 
         if isinstance(e, SweepInterrupted):
             print(f"\nprewarm-gpu: interrupted. {e}", file=sys.stderr)

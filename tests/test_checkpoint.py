@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from prewarm_gpu import harness
+from prewarm_gpu import experiment
 from prewarm_gpu.batched import MEASURED, choose_backend, train_batched
 from prewarm_gpu.checkpoint import Checkpointer, parse_every
 from prewarm_gpu.counters import count_dispatch
-from prewarm_gpu.harness import SweepConfig, read_results, run_sweep
+from prewarm_gpu.experiment import SweepConfig, read_results, run_sweep
+from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.methods.lion_dg import DSSimpleCNN
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import TrainConfig, train
@@ -154,14 +155,14 @@ def test_one_run_honours_its_precision(digits):
 
 def test_the_harness_single_run_trains_in_the_recorded_precision(digits, tmp_path, monkeypatch):
     seen = []
-    real = harness.train
+    real = engine.train
 
     def spy(*a, **k):
         seen.append(k["precision"])
         return real(*a, **k)
 
-    monkeypatch.setattr(harness, "load_dataset", lambda *a, **k: digits)
-    monkeypatch.setattr(harness, "train", spy)
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(engine, "train", spy)
     run_sweep(SweepConfig(seeds=[1], out=tmp_path, steps=4, eval_points=1, loss_points=2,
                           batch=False, precision="bf16", progress=False))
     assert seen == ["bf16", "bf16"]
@@ -230,19 +231,19 @@ class _KillingBar:
 @pytest.mark.parametrize("batch", [True, False])
 def test_an_interrupted_sweep_resumes_from_checkpoints_to_the_same_records(
         digits, tmp_path, monkeypatch, batch):
-    monkeypatch.setattr(harness, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
     run_sweep(_sweep(tmp_path / "ref", batch=batch))
     ref = {r["key"]: r for r in read_results(tmp_path / "ref" / "results.jsonl")}
 
     out = tmp_path / "cut"
     at = 4 * 11 if batch else 20 + 11  # the batch of 4 at step 11; single: run 2 at step 11
-    monkeypatch.setattr(harness, "_progress_bar", lambda total, enabled: _KillingBar(at))
-    with pytest.raises(harness.SweepInterrupted) as e:
+    monkeypatch.setattr(engine, "_progress_bar", lambda total, enabled: _KillingBar(at))
+    with pytest.raises(experiment.SweepInterrupted) as e:
         run_sweep(_sweep(out, batch=batch, progress=True))
     assert "progress up to step 8 is checkpointed" in str(e.value)
     assert any((out / "checkpoints").glob("*.pt"))
 
-    monkeypatch.setattr(harness, "_progress_bar", lambda total, enabled: None)
+    monkeypatch.setattr(engine, "_progress_bar", lambda total, enabled: None)
     run_sweep(_sweep(out, batch=batch, resume=True))
     got = {r["key"]: r for r in read_results(out / "results.jsonl")}
     assert got.keys() == ref.keys()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from prewarm_gpu import cli
+from prewarm_gpu.experiment.report import stats_row
 from tests.test_data import write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def test_stats_on_a_hand_built_grayscale_dataset(tmp_path, capsys):
     img = np.zeros((4, 28, 28), dtype=np.uint8)
     img[:, :7, :] = 255
     write_mnist(tmp_path, "MNIST", images=img)
-    row = cli.stats_row("mnist", data_dir=tmp_path, download=False, device="cpu")
+    row = stats_row("mnist", data_dir=tmp_path, download=False, device="cpu")
     assert row["d"] == 0.25 and row["n_patches"] == 32 and row["scale"] == 0.20
     assert 0 < row["otsu_tau"] < 1 and row["fc_dim"] == 3136 and row["paper"] == "58 / 0.20"
     assert cli.main(["stats", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 0
@@ -180,12 +181,12 @@ def test_resume_of_a_new_folder_is_exit_2(tmp_path, capsys):
 
 
 def test_an_internal_error_keeps_its_traceback_and_exits_3(tmp_path, capsys, monkeypatch):
-    from prewarm_gpu import harness
+    from prewarm_gpu import experiment
 
     def bug(*a, **k):
         return {}["no such key"]
 
-    monkeypatch.setattr(harness, "run_sweep", bug)
+    monkeypatch.setattr(experiment, "reproduce", bug)
     code = cli.main(["reproduce", "--out", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert code == 3 and "Traceback (most recent call last)" in err

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prewarm_gpu import harness, initializers
-from prewarm_gpu.harness import (
+from prewarm_gpu import experiment, initializers
+from prewarm_gpu.experiment import (
     ResultsExistError,
     SweepConfig,
     build_arm,
@@ -18,6 +18,8 @@ from prewarm_gpu.harness import (
     run_one,
     run_sweep,
 )
+from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment.jsonable import jsonable
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +33,7 @@ def cached_digits(monkeypatch, digits):
         assert name == "digits"
         return digits
 
-    monkeypatch.setattr(harness, "load_dataset", load)
+    monkeypatch.setattr(engine, "load_dataset", load)
 
 
 def tiny(out: Path, **kw) -> SweepConfig:
@@ -182,7 +184,7 @@ def test_interrupted_sweep_resumes_only_missing_runs_and_survives_a_truncated_li
     with pytest.raises(KeyboardInterrupt) as e:
         run_sweep(tiny(tmp_path), after_run=hook)
     assert len(lines(path)) == 3  # every finished run kept
-    assert isinstance(e.value, harness.SweepInterrupted)
+    assert isinstance(e.value, experiment.SweepInterrupted)
     assert str(e.value).startswith(f"3 of 4 runs are finished and kept in {path} (3 written")
     assert "--resume" in str(e.value)
 
@@ -216,7 +218,7 @@ def test_interrupting_a_batch_says_the_batch_in_flight_was_lost(tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr("prewarm_gpu.batched.train_batched", interrupt)
-    with pytest.raises(harness.SweepInterrupted) as e:
+    with pytest.raises(experiment.SweepInterrupted) as e:
         run_sweep(tiny(tmp_path))
     msg = str(e.value)
     assert msg.startswith("0 of 4 runs are finished and kept")
@@ -225,7 +227,7 @@ def test_interrupting_a_batch_says_the_batch_in_flight_was_lost(tmp_path, monkey
 
 
 def test_resume_of_a_folder_without_results_is_refused(tmp_path):
-    with pytest.raises(harness.NothingToResumeError, match="nothing to resume"):
+    with pytest.raises(experiment.NothingToResumeError, match="nothing to resume"):
         run_sweep(tiny(tmp_path / "new", resume=True))
     assert not (tmp_path / "new").exists()
 
@@ -278,7 +280,7 @@ def test_incomplete_records_are_corrupt_not_trusted(tmp_path, line, why):
     p.write_text(f'{_rec("a")}\n{line}\n')
     with pytest.warns(UserWarning, match=why):
         assert [r["key"] for r in read_results(p)] == ["a"]
-    assert harness.repair_results(p) == 1
+    assert experiment.repair_results(p) == 1
     assert (tmp_path / "results.jsonl.torn").read_text() == line + "\n"
     assert p.read_text() == _rec("a") + "\n"
 
@@ -329,7 +331,7 @@ def test_methods_on_another_architecture_pair_with_kaiming_on_it(tmp_path):
 
 
 def test_jsonable():
-    j = harness._jsonable({"a": torch.tensor([1.0, float("inf")]), "b": (1, "x"),
+    j = jsonable({"a": torch.tensor([1.0, float("inf")]), "b": (1, "x"),
                            "c": torch.zeros(2000), 3: float("nan")})
     assert j == {"a": [1.0, None], "b": [1, "x"], "c": {"shape": [2000], "dtype": "float32"},
                  "3": None}
@@ -342,5 +344,5 @@ def test_report_only_rewrites_the_tables_without_training(tmp_path):
     table = run_sweep(tiny(tmp_path, seeds=[42, 7], report_only=True), after_run=ran.append)
     assert ran == [] and (tmp_path / "table.md").read_text().strip() == table.strip()
     assert "not run yet (2): digits kaiming seed 7, digits prewarm seed 7" in table
-    with pytest.raises(harness.NothingToResumeError, match="no results to report"):
+    with pytest.raises(experiment.NothingToResumeError, match="no results to report"):
         run_sweep(tiny(tmp_path / "empty", report_only=True))

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prewarm_gpu import MiniBatchKMeans, harness, kmeans, prewarm_, rules
-from prewarm_gpu.harness import SweepConfig, read_results, run_sweep
+from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, prewarm_, rules
+from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep
+from prewarm_gpu.experiment import run as engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_n_patches_beyond_memory_is_refused_up_front_with_the_figure():
 
 def test_a_second_writer_on_the_same_out_is_refused(tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    code = ("import sys, time; from pathlib import Path; from prewarm_gpu.harness import "
+    code = ("import sys, time; from pathlib import Path; from prewarm_gpu.experiment import "
             "sweep_lock\nwith sweep_lock(Path(sys.argv[1])):\n print('locked', flush=True); "
             "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
@@ -91,20 +92,20 @@ def test_a_second_writer_on_the_same_out_is_refused(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(harness.SweepLockedError, match=f"pid {holder.pid}"):
+        with pytest.raises(experiment.SweepLockedError, match=f"pid {holder.pid}"):
             run_sweep(SweepConfig(out=tmp_path, steps=2, progress=False))
         assert not (tmp_path / "results.jsonl").exists()
     finally:
         holder.kill()
         holder.wait()
-    with harness.sweep_lock(tmp_path):  # the killed holder's lock is gone with it: not stale
+    with experiment.sweep_lock(tmp_path):  # the killed holder's lock is gone with it: not stale
         pass
 
 
 def test_the_cli_says_the_folder_is_in_use(tmp_path, capsys):
     from prewarm_gpu import cli
 
-    with harness.sweep_lock(tmp_path):
+    with experiment.sweep_lock(tmp_path):
         # flock is per open file: the same process opening it again is a second writer too
         code = cli.main(["reproduce", "--out", str(tmp_path), "--steps", "2", "--no-progress"])
     assert code == 2 and "in use by another prewarm-gpu" in capsys.readouterr().err
@@ -154,41 +155,41 @@ def test_a_read_only_out_fails_before_training(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(harness.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(engine.tempfile, "NamedTemporaryFile", refuse)
     trained = []
-    monkeypatch.setattr(harness, "run_batch", lambda *a, **k: trained.append(1))
-    with pytest.raises(harness.ResultsWriteError, match="not writable .*nothing was trained"):
+    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: trained.append(1))
+    with pytest.raises(experiment.ResultsWriteError, match="not writable .*nothing was trained"):
         run_sweep(SweepConfig(out=out, steps=2, progress=False))
     assert not trained
 
 
 def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness.shutil, "disk_usage", lambda p: os.statvfs_result if False else
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: os.statvfs_result if False else
                         type("U", (), {"free": 1 << 20})())
-    with pytest.raises(harness.ResultsWriteError, match="only 1 MiB free"):
+    with pytest.raises(experiment.ResultsWriteError, match="only 1 MiB free"):
         run_sweep(SweepConfig(out=tmp_path, steps=2, progress=False))
 
 
 def test_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
     good = {"key": "a", "status": "ok", "accuracy": 0.5, "config": {}, "curves": {}}
-    harness.append_result(path, good)
+    experiment.append_result(path, good)
     real_fsync = os.fsync
 
     def full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(harness.os, "fsync", full)
-    with pytest.raises(harness.ResultsWriteError, match="No space left"):
-        harness.append_result(path, {**good, "key": "b"})
-    monkeypatch.setattr(harness.os, "fsync", real_fsync)
+    monkeypatch.setattr(records.os, "fsync", full)
+    with pytest.raises(experiment.ResultsWriteError, match="No space left"):
+        experiment.append_result(path, {**good, "key": "b"})
+    monkeypatch.setattr(records.os, "fsync", real_fsync)
     assert path.read_text() == json.dumps(good) + "\n"
 
 
 def test_the_cli_exits_4_when_out_is_not_writable(tmp_path, monkeypatch, capsys):
     from prewarm_gpu import cli
 
-    monkeypatch.setattr(harness.tempfile, "NamedTemporaryFile",
+    monkeypatch.setattr(engine.tempfile, "NamedTemporaryFile",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     code = cli.main(["reproduce", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress"])
     err = capsys.readouterr().err.strip()
@@ -273,10 +274,10 @@ def test_meta_tensors_are_a_value_error(digits_images):
 
 
 def test_an_incomplete_ok_record_is_not_counted_as_done(tmp_path, digits, monkeypatch):
-    monkeypatch.setattr(harness, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
     cfg = SweepConfig(seeds=[1], out=tmp_path, steps=2, eval_points=1, loss_points=1,
                       progress=False)
-    key = harness.plan_runs(cfg)[0].key
+    key = experiment.plan_runs(cfg)[0].key
     (tmp_path / "results.jsonl").write_text(json.dumps({"key": key, "status": "ok"}) + "\n")
     ran = []
     run_sweep(SweepConfig(**{**cfg.__dict__, "resume": True}),

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
-from prewarm_gpu import cli
 from prewarm_gpu import data as D
-from prewarm_gpu.harness import SweepConfig, run_sweep
+from prewarm_gpu.experiment import SweepConfig, run_sweep
+from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment.report import stats_row
 
 FASHION = D.SYSTEM_DATA_DIR / "fashion-mnist"
 
@@ -38,7 +39,7 @@ def test_splits_are_60000_and_10000_with_ten_balanced_classes(fashion):
 
 def test_stats_give_table_1s_row_exactly(fashion, monkeypatch, capsys):
     monkeypatch.setattr(D, "load_dataset", lambda *a, **k: fashion)
-    row = cli.stats_row("fashion-mnist", data_dir=None, download=False, device="cpu")
+    row = stats_row("fashion-mnist", data_dir=None, download=False, device="cpu")
     assert f"{row['otsu_tau']:.4f}" == "0.3809"
     assert f"{row['d']:.4f}" == "0.3602"
     assert row["n_patches"] == 22 and row["scale"] == pytest.approx(0.20)
@@ -47,9 +48,8 @@ def test_stats_give_table_1s_row_exactly(fashion, monkeypatch, capsys):
 
 def test_a_short_paired_training_on_the_real_data_learns(fashion, tmp_path, monkeypatch,
                                                           one_thread):
-    from prewarm_gpu import harness
 
-    monkeypatch.setattr(harness, "load_dataset", lambda *a, **k: fashion)
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: fashion)
     config = SweepConfig(datasets=["fashion-mnist"], seeds=[42], out=tmp_path, steps=200,
                          eval_points=1, loss_points=4, progress=False, data_dir=FASHION)
     run_sweep(config, log=lambda s: None)

@@ -162,33 +162,23 @@ def build_bank(
             "n_models": len(dicts), "layers": out}
 
 
-def run_models(run_dir: str | os.PathLike, dataset: str | None, init: str | None) -> list[Path]:
-    """``<run_dir>/models/<dataset>-<init>-<seed>.pt`` files, filtered by dataset and init."""
-    files = sorted(Path(run_dir, "models").glob("*.pt"))
-    picked = []
-    for f in files:
-        parts = f.stem.rsplit("-", 2)  # a dataset name may contain '-'; init and seed may not
-        if len(parts) != 3:
-            continue
-        ds, ini, _ = parts
-        if (dataset is None or ds == dataset) and (init is None or ini == init):
-            picked.append(f)
-    return picked
-
-
 def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
                          init: str | None = None, **options) -> dict[str, Any]:
-    """:func:`build_bank` from the harness's trained models.
+    """:func:`build_bank` from a sweep's trained models (``reproduce --save-models``).
 
     Reads the state dicts ``<run_dir>/models/<dataset>-<init>-<seed>.pt`` (``torch.save``).
 
     Args:
-        run_dir: the harness's output folder.
+        run_dir: the sweep's output folder (``--out``).
         dataset, init: keep only the runs of this dataset / initialisation (default: all).
         **options: :func:`build_bank`'s keywords (``n_clusters``, ``variant``, ``layers``,
             ``generator``).
     """
-    files = run_models(run_dir, dataset, init)
+    from ..experiment.records import (
+        trained_models,  # the sweep's model-file naming, not parsed here
+    )
+
+    files = trained_models(run_dir, dataset, init)
     if not files:
         raise ValueError(
             f"no trained models in {Path(run_dir, 'models')} (looked for "

@@ -1,0 +1,218 @@
+"""What a sweep runs: its configuration, its arms and every run, keyed for the results file.
+
+`Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
+(2026), §3.3: every method is compared paired against Kaiming — same seed, same base weights, same
+data order — so a pair differs only by the initialisation. An *arm* is an initialiser with its
+options (``prewarm`` with ``n_patches=25`` is one arm of the grid); a *run* is an arm on one
+dataset and seed (:class:`RunSpec`, whose :attr:`~RunSpec.key` names it in ``results.jsonl``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import initializers
+from ..checkpoint import parse_every
+from ..data import DATASETS
+from ..models import BASELINES, MODELS, build_model
+from ..train import TrainConfig
+from .jsonable import jsonable
+
+SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
+DEFAULT_ARCH = "simplecnn"
+BASELINE = "kaiming"
+PROTOCOL = 3  # bump when a change to the training code changes results: old runs then rerun
+# 3: one trainer for one run and many, with a fused Adam (results move by float rounding)
+
+
+
+@dataclass
+class SweepConfig:
+    """One sweep; ``None`` fields take the dataset's Table 1 value."""
+
+    datasets: list[str] = field(default_factory=lambda: ["digits"])
+    seeds: list[int] = field(default_factory=lambda: list(SEEDS))
+    inits: list[str] = field(default_factory=lambda: ["kaiming", "prewarm"])
+    init_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # init → its keywords
+    out: Path = Path("runs/digits")
+    device: str = "cpu"
+    data_dir: Path | None = None  # None: ./data, else /usr/share/datasets/<name>
+    download: bool = False
+    resume: bool = False
+    retry_failed: bool = False  # with resume: rerun runs recorded as failed
+    save_models: bool = False  # write models/<dataset>-<init>-<seed>.pt
+    plot: bool = False
+    progress: bool = True  # tqdm bar on stderr
+    steps: int | None = None  # N (Table 1: 5000; digits: 150)
+    batch_size: int = 256
+    lr_start: float | None = None
+    lr_end: float | None = None
+    eval_points: int = 10
+    loss_points: int = 100
+    aux_weight: float = 0.3
+    target_loss: float = 0.5
+    channels_last: bool = True  # NHWC model, single-run trainer (both arms alike): ~30 % faster
+    batch: bool = True  # train the runs of a dataset together as one stacked model (issue 5)
+    precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
+    backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
+    baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
+    checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
+    report_only: bool = False  # rewrite summary, table (and plots) from results.jsonl; train none
+    group_size: int | None = None  # most runs trained together (None: all of an architecture)
+
+    def train_config(self, dataset: str) -> TrainConfig:
+        """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
+        spec = DATASETS[dataset]
+        return TrainConfig(
+            steps=spec.steps if self.steps is None else self.steps,  # 0 is refused, not 150
+            batch_size=self.batch_size,
+            lr_start=spec.lr_start if self.lr_start is None else self.lr_start,
+            lr_end=spec.lr_end if self.lr_end is None else self.lr_end,
+            eval_points=self.eval_points,
+            loss_points=self.loss_points,
+            aux_weight=self.aux_weight,
+            target_loss=self.target_loss,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run; :attr:`key` identifies it in ``results.jsonl`` (for ``--resume``)."""
+
+    dataset: str
+    arch: str
+    init: str
+    seed: int
+    options: tuple[tuple[str, Any], ...]  # the initialiser's keywords, sorted
+    train: TrainConfig
+    device_type: str  # "cpu"/"cuda": the data order (randperm) depends on it
+    channels_last: bool
+    precision: str = "fp32"
+    baseline: str = "torch-default"  # models.BASELINES: the weights both arms start from
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the run's result (``target_loss`` does not: it is recomputed
+        from the stored loss curve; ``eval_batch_size`` does not either)."""
+        t = asdict(self.train)
+        for k in ("target_loss", "eval_batch_size"):
+            t.pop(k)
+        return {"dataset": self.dataset, "arch": self.arch, "init": self.init,
+                "options": jsonable(dict(self.options)), "train": t,
+                "device_type": self.device_type, "channels_last": self.channels_last,
+                "precision": self.precision, "baseline": self.baseline, "protocol": PROTOCOL}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.config, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.arch}/{self.init}/seed={self.seed}/{self.config_hash}"
+
+    @property
+    def label(self) -> str:
+        arch = "" if self.arch == DEFAULT_ARCH else f"@{self.arch}"
+        opts = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.dataset} {self.init}{f'({opts})' if opts else ''}{arch} seed {self.seed}"
+
+    @property
+    def arm(self) -> Arm:
+        return Arm(self.init, self.options)
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def arch_of(init: str) -> str:
+    """The architecture an initialiser needs (its ``requires_model``), else SimpleCNN."""
+    return getattr(initializers.get(init), "requires_model", None) or DEFAULT_ARCH
+
+
+def methods_of(config: SweepConfig) -> list[str]:
+    """The non-baseline initialisations, in the order given."""
+    return [i for i in dict.fromkeys(config.inits) if i != BASELINE]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """An initialiser with its options: what one side of a pair runs."""
+
+    init: str
+    options: tuple[tuple[str, Any], ...] = ()  # sorted (keyword, value) pairs
+
+    @classmethod
+    def of(cls, init: str, options: dict[str, Any] | None = None) -> Arm:
+        return cls(init, tuple(sorted((options or {}).items())))
+
+
+def arms_of(config: SweepConfig) -> list[Arm]:
+    """``reproduce``'s arms: each method of ``--init`` with its ``--init-option`` keywords."""
+    return [Arm.of(m, config.init_options.get(m)) for m in methods_of(config)]
+
+
+@functools.cache
+def batchable(arch: str) -> bool:
+    """Whether runs of ``arch`` can train stacked: models with auxiliary heads cannot (probed
+    once per architecture on a tiny instance)."""
+    return not hasattr(build_model(arch, in_channels=1, n_classes=2, image_size=8), "aux_logits")
+
+
+def _channels_last(config: SweepConfig, arch: str) -> bool:
+    """channels_last applies to the single-run trainer only (the batched one stacks weights)."""
+    return config.channels_last and not (config.batch and batchable(arch))
+
+
+def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
+    """Refuse a sweep that cannot run, before any training: unknown initialisers, options or
+    models, bad seeds, a bad checkpoint interval or baseline."""
+    for arm in arms:
+        initializers.get(arm.init)  # KeyError listing the known names
+        initializers.check_options(arm.init, dict(arm.options))
+    if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise ValueError(f"seeds must be non-negative ints, got {config.seeds}")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"seeds must be distinct, got {config.seeds}")
+    if not arms:
+        raise ValueError(f"nothing to compare: --init needs a method besides {BASELINE!r}, "
+                         f"got {config.inits}")
+    for arch in dict.fromkeys(arch_of(a.init) for a in arms):
+        if arch not in MODELS:
+            raise KeyError(f"unknown model {arch!r} (required by an initialiser); known: "
+                           f"{sorted(MODELS)}")
+    parse_every(config.checkpoint_every)  # ValueError now, not after the first run
+    if config.baseline not in BASELINES:
+        raise ValueError(f"--baseline must be one of {BASELINES}, got {config.baseline!r}")
+
+
+def plan_runs(config: SweepConfig, arms: list[Arm] | None = None) -> list[RunSpec]:
+    """Every run of the sweep, grouped by dataset then seed, Kaiming first within a seed — so an
+    interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed), shared by
+    every arm on that architecture. ``arms``: default :func:`arms_of` (``reproduce``)."""
+    for init in config.inits:
+        initializers.get(init)  # KeyError listing the known names
+        initializers.check_options(init, config.init_options.get(init, {}))  # typos: now
+    arms = arms_of(config) if arms is None else arms
+    check_plan(config, arms)
+    archs = list(dict.fromkeys(arch_of(a.init) for a in arms))
+    dev = torch.device(config.device).type
+    specs = []
+    for ds in config.datasets:
+        tc = config.train_config(ds)
+        for seed in config.seeds:
+            for arch in archs:
+                specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev,
+                                     _channels_last(config, arch), config.precision,
+                                     config.baseline))
+            for arm in arms:
+                arch = arch_of(arm.init)
+                specs.append(RunSpec(ds, arch, arm.init, seed, arm.options, tc, dev,
+                                     _channels_last(config, arch), config.precision,
+                                     config.baseline))
+    return specs

@@ -1,0 +1,444 @@
+"""The sweep engine: every missing run of a plan, trained stacked in groups, recorded as it ends.
+
+``reproduce`` and ``grid`` both run here (:func:`execute`): the same pairing (:mod:`.plan`), the
+same stacked training of many runs (:func:`prewarm_gpu.batched.train_batched`), the same results
+file with resume (:mod:`.records`), in-run checkpoints, one writer per folder, the same progress
+bar and the same account of an interruption. What a sweep writes besides ``results.jsonl`` (its
+tables and plots) is its :class:`Outputs`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpointer, parse_every
+from ..data import ImageData, canonical_name, load_dataset, locate
+from ..train import TrainResult, train
+from .arms import build_arm
+from .plan import RunSpec, SweepConfig, batchable
+from .records import (
+    CHECKPOINTS,
+    LOCK,
+    RESULTS,
+    ResultsWriteError,
+    append_result,
+    environment,
+    latest_by_key,
+    make_record,
+    model_path,
+    read_results,
+    repair_results,
+    save_model,
+)
+
+
+class ResultsExistError(FileExistsError):
+    """``--out`` already holds results and ``--resume`` was not given."""
+
+
+class _StepCounter:
+    """Forwards step counts to ``progress`` and keeps their total, so a run (or a batch) that
+    ends early can still account for the steps it will not take."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        self.progress, self.done = progress, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(n)
+
+    def finish(self, total: int) -> None:
+        self(total - self.done)
+
+
+# What a run may raise and still be only a failed run (the sweep goes on, the record keeps the
+# traceback). An initialiser refuses its input with ValueError/TypeError (house style); training
+# fails with RuntimeError (out of memory, a CUDA error) or ArithmeticError. Anything else
+# (AttributeError, KeyError, IndexError, …) is a bug: it ends the sweep with its traceback.
+INIT_ERRORS = (ValueError, TypeError, RuntimeError, ArithmeticError)
+TRAIN_ERRORS = (RuntimeError, ArithmeticError)
+
+
+def _failed(stage: str, e: BaseException) -> TrainResult:
+    return TrainResult("failed", None, error=f"{stage}{type(e).__name__}: {e}",
+                       traceback=traceback.format_exc())
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where one group of runs is checkpointed and how often (``--checkpoint-every``); ``active``
+    is the :class:`~prewarm_gpu.checkpoint.Checkpointer` of the training under way."""
+
+    path: Path
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    active: Checkpointer | None = None
+
+    def open(self, specs: Sequence[RunSpec]) -> Checkpointer:
+        """The checkpointer of ``specs`` trained together (a checkpoint of other runs is never
+        loaded: the runs' keys are its fingerprint)."""
+        self.active = Checkpointer(self.path, {"runs": [s.key for s in specs]},
+                                   every_steps=self.every_steps, every_seconds=self.every_seconds)
+        return self.active
+
+    def remove(self) -> None:
+        Checkpointer(self.path, None).remove()
+
+
+def checkpoint_policy(config: SweepConfig, group: Sequence[RunSpec]) -> CheckpointPolicy | None:
+    """``<out>/checkpoints/<dataset>-<hash of the group's keys>.pt``, or None when disabled."""
+    every_steps, every_seconds = parse_every(config.checkpoint_every)
+    if every_steps is None and every_seconds is None:
+        return None
+    digest = hashlib.sha256("\n".join(s.key for s in group).encode()).hexdigest()[:16]
+    return CheckpointPolicy(config.out / CHECKPOINTS / f"{group[0].dataset}-{digest}.pt",
+                            every_steps, every_seconds)
+
+
+def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
+            save_to: Path | None = None,
+            checkpoint: CheckpointPolicy | None = None) -> dict[str, Any]:
+    """Build, initialise and train one run; the ``results.jsonl`` record. An initialiser's
+    :data:`INIT_ERRORS`, a training :data:`TRAIN_ERRORS` or a NaN/Inf loss give
+    ``status="failed"`` with the error (and traceback); any other exception propagates. With
+    ``checkpoint``, the run is checkpointed as it trains and continues from a checkpoint found."""
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {}
+    step_progress = _StepCounter(progress)
+    init_seconds = None
+    try:
+        model, report = build_arm(spec, data)
+    except INIT_ERRORS as e:
+        result = _failed("", e)
+    else:
+        init_seconds = time.perf_counter() - t0
+        try:
+            result = train(model, data, spec.train, seed=spec.seed, precision=spec.precision,
+                           channels_last=spec.channels_last, progress=step_progress,
+                           checkpoint=checkpoint.open([spec]) if checkpoint else None)
+        except TRAIN_ERRORS as e:
+            result = _failed("training: ", e)
+        if save_to is not None and result.status == "ok":
+            save_model(model, save_to)
+    if result.status != "ok":
+        step_progress.finish(spec.train.steps)
+    return make_record(spec, result, report, init_seconds, time.perf_counter() - t0)
+
+
+def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
+              progress: Callable[[int], None] | None = None, backend: str = "auto",
+              save_dir: Path | None = None,
+              checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
+    """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
+    together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
+
+    A run whose initialisation raises one of :data:`INIT_ERRORS` is recorded as failed alone; if
+    the batched training raises one of :data:`TRAIN_ERRORS`, every run of the batch is recorded as
+    failed with the error (the sweep goes on). Other exceptions propagate. With ``checkpoint``,
+    the batch is checkpointed as it trains and continues from a checkpoint found."""
+    from ..batched import train_batched
+
+    records: dict[str, dict[str, Any]] = {}
+    built = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        try:
+            model, report = build_arm(spec, data)
+            built.append((spec, model, report, time.perf_counter() - t0))
+        except INIT_ERRORS as e:
+            records[spec.key] = make_record(spec, _failed("", e), {}, None,
+                                            time.perf_counter() - t0)
+            _StepCounter(progress).finish(spec.train.steps)
+    if built:
+        step_progress = _StepCounter(progress)
+        try:
+            results = train_batched([b[1] for b in built], data, built[0][0].train,
+                                    seeds=[b[0].seed for b in built],
+                                    precision=built[0][0].precision, backend=backend,
+                                    progress=step_progress,
+                                    checkpoint=checkpoint.open([b[0] for b in built])
+                                    if checkpoint else None)
+        except TRAIN_ERRORS as e:
+            results = [_failed("batched training: ", e) for _ in built]
+            step_progress.finish(sum(b[0].train.steps for b in built))
+        for (spec, model, report, init_s), r in zip(built, results, strict=True):
+            if save_dir is not None and r.status == "ok":
+                save_model(model, model_path(save_dir, spec))
+            records[spec.key] = make_record(spec, r, report, init_s, init_s + r.seconds)
+    for spec in specs:
+        records[spec.key]["trainer"] = "batched"
+    return [records[s.key] for s in specs]
+
+
+def _groups(specs: Sequence[RunSpec], batch: bool,
+            size: int | None = None) -> list[list[RunSpec]]:
+    """Runs that train together: with ``batch``, the runs of a batchable architecture (in plan
+    order), at most ``size`` at a time (None: all of them); every other run alone."""
+    if not batch:
+        return [[s] for s in specs]
+    groups: dict[str, list[RunSpec]] = {}
+    out: list[list[RunSpec]] = []
+    for s in specs:
+        if batchable(s.arch):
+            if s.arch not in groups or (size is not None and len(groups[s.arch]) >= size):
+                groups[s.arch] = []
+                out.append(groups[s.arch])
+            groups[s.arch].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+class NothingToResumeError(FileNotFoundError):
+    """``--resume`` was given but ``--out`` holds no finished run."""
+
+
+class SweepLockedError(RuntimeError):
+    """Another process is writing to the same ``--out``."""
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.lock`` (an exclusive ``fcntl`` lock, released by the OS when the process
+    ends, so a lock left by a killed process is never stale) for the sweep: one writer per folder.
+    The file holds the owner's pid, for the message a second writer gets."""
+    import fcntl
+
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise SweepLockedError(f"{out} is in use by another prewarm-gpu (pid {owner}); wait "
+                                   "for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_writable(out: Path, min_free: int = 64 * 2**20) -> None:
+    """``--out`` can be created and written, with room left, before any training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ResultsWriteError(f"--out {out} is not writable ({e.strerror or e}); nothing was "
+                                "trained") from e
+    free = shutil.disk_usage(out).free
+    if free < min_free:
+        raise ResultsWriteError(f"--out {out}: only {free / 2**20:.0f} MiB free on its disk "
+                                f"(at least {min_free / 2**20:.0f} MiB needed); nothing was "
+                                "trained")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or a kill during a sweep; ``str()`` says exactly what was kept and what was lost."""
+
+
+def _check_out(config: SweepConfig) -> None:
+    path = config.out / RESULTS
+    has_results = path.exists() and path.stat().st_size > 0
+    if has_results and not (config.resume or config.report_only):
+        raise ResultsExistError(
+            f"{path} already holds results; pass --resume to complete that sweep (only missing "
+            f"runs are run), or choose another --out. Nothing was overwritten.")
+    has_checkpoints = any((config.out / CHECKPOINTS).glob("*.pt"))
+    if config.report_only and not has_results:
+        raise NothingToResumeError(f"--report-only: {config.out} holds no results to report")
+    if config.resume and not has_results and not has_checkpoints:
+        raise NothingToResumeError(
+            f"--resume: {config.out} holds no finished run ({RESULTS} is missing or empty) and "
+            "no checkpoint, so there is nothing to resume. Check --out, or drop --resume to start "
+            "the sweep.")
+
+
+def _check_data(config: SweepConfig) -> None:
+    """Fail before any training when a dataset is missing (not after hours of other datasets)."""
+    if config.download:
+        return
+    for ds in config.datasets:
+        locate(ds, config.data_dir)  # raises, naming every place looked at (digits: no files)
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()  # in a log file, a line every 10 s rather than every 0.5 s
+    return tqdm(total=total, unit="step", desc="sweep", dynamic_ncols=True,
+                mininterval=0.5 if tty else 10.0, smoothing=0.05, file=sys.stderr)
+
+
+@dataclass
+class Outputs:
+    """What a sweep writes besides ``results.jsonl``: ``write(config, specs, records, env)``
+    rewrites its summary files (after every group and at the end) and returns what
+    :func:`execute` returns (an :class:`~.report.Outcome`);
+    with ``--plot``, ``plot_dataset(config, specs, data)`` runs once per dataset with its data
+    loaded and ``plot_end(config, specs, records)`` at the end."""
+
+    write: Callable[..., str]
+    plot_dataset: Callable[..., Any] | None = None
+    plot_end: Callable[..., Any] | None = None
+
+
+def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
+            *, plot_check: Callable[[], Any] | None = None) -> tuple[SweepConfig, list[RunSpec]]:
+    """Every check that needs no training, in the order a user would want the errors: the plan
+    (names, options, seeds, steps), the output folder, matplotlib for ``--plot``, the data.
+
+    Returns the normalised config and its runs (``plan(config)``)."""
+    config = replace(config, datasets=[canonical_name(d) for d in config.datasets],
+                     out=Path(config.out))
+    if config.group_size is not None and config.group_size < 1:
+        raise ValueError(f"group_size must be >= 1 or None, got {config.group_size}")
+    specs = plan(config)
+    _check_out(config)
+    if config.plot and plot_check is not None:
+        plot_check()  # fail now, not after training
+    _check_data(config)
+    _check_writable(config.out)
+    return config, specs
+
+
+def execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, *,
+            log: Callable[[str], None] | None = None,
+            after_run: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """Run every missing run of ``specs`` (a prepared plan), writing results as they finish, under
+    the folder's lock; return what ``outputs.write`` returns at the end.
+
+    Raises:
+        SweepLockedError: another process is writing to ``config.out``.
+        ResultsWriteError: a later write failure (every record written before it is intact, no
+            torn line).
+        SweepInterrupted: Ctrl-C or SIGTERM (via the CLI); its message says what was kept.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    with sweep_lock(config.out):
+        return _execute(config, specs, outputs, log, after_run)
+
+
+def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
+             after_run) -> Any:
+    path = config.out / RESULTS
+    moved = repair_results(path)
+    if moved:
+        log(f"moved {moved} corrupt or truncated line(s) of {path} to {path.name}.torn; those "
+            "runs will be run again")
+    records = read_results(path)
+    latest = latest_by_key(records)
+    todo = [] if config.report_only else \
+        [s for s in specs if not _done(latest.get(s.key), config.retry_failed)]
+    env = environment(config.device)
+    if config.resume:
+        log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "
+            f"running the other {len(todo)}")
+    bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
+    state: dict[str, Any] = {"written": 0, "in_flight": [], "checkpoint": None}
+    try:
+        for ds in config.datasets:
+            mine = [s for s in todo if s.dataset == ds]
+            if not mine and not (config.plot and _has_ok(latest, ds)):
+                continue
+            data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
+                                device=config.device)
+            if data.source is not None:
+                log(f"{ds}: read from {data.source}")
+            update = bar.update if bar is not None else None
+            for group in _groups(mine, config.batch, config.group_size):
+                ckpt = checkpoint_policy(config, group)
+                state["in_flight"], state["checkpoint"] = group, ckpt
+                if bar is not None:
+                    bar.set_postfix_str(group[0].label if len(group) == 1 else
+                                        f"{ds}: {len(group)} runs batched", refresh=False)
+                if len(group) > 1:
+                    recs = run_batch(group, data, progress=update, backend=config.backend,
+                                     save_dir=config.out if config.save_models else None,
+                                     checkpoint=ckpt)
+                else:
+                    spec = group[0]
+                    recs = [run_one(spec, data, progress=update, checkpoint=ckpt,
+                                    save_to=model_path(config.out, spec)
+                                    if config.save_models else None)]
+                    recs[0]["trainer"] = "single"
+                for spec, rec in zip(group, recs, strict=True):
+                    rec["env"] = env
+                    append_result(path, rec)
+                    records.append(rec)
+                    state["written"] += 1
+                    state["in_flight"] = [s for s in state["in_flight"] if s is not spec]
+                    if rec["status"] != "ok":
+                        log(f"run failed: {spec.label}: {rec['error']}")
+                    if after_run is not None:
+                        after_run(rec)
+                state["in_flight"], state["checkpoint"] = [], None
+                if ckpt is not None:
+                    ckpt.remove()  # its runs are recorded
+                outputs.write(config, specs, records, env)
+            if config.plot and outputs.plot_dataset is not None:
+                outputs.plot_dataset(config, specs, data)
+            del data
+    except KeyboardInterrupt as e:
+        outputs.write(config, specs, records, env)
+        raise SweepInterrupted(_interrupted(config, specs, records, state)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    outcome = outputs.write(config, specs, records, env)
+    if config.plot and outputs.plot_end is not None:
+        outputs.plot_end(config, specs, records)
+    return outcome
+
+
+def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) -> str:
+    """What an interruption kept and lost, exactly."""
+    latest = latest_by_key(records)
+    kept = sum(1 for s in specs if s.key in latest)
+    path = config.out / RESULTS
+    parts = [f"{kept} of {len(specs)} runs are finished and kept in {path} "
+             f"({state['written']} written by this command)."]
+    lost = state["in_flight"]
+    ckpt = state["checkpoint"]
+    saved = ckpt.active.saved_step if ckpt is not None and ckpt.active is not None else None
+    if lost:
+        one = len(lost) == 1
+        what = f"the run {lost[0].label}" if one else \
+            f"the {len(lost)} runs training together ({lost[0].dataset}, batched)"
+        if saved:
+            parts.append(f"In flight: {what}; {'its' if one else 'their'} progress up to step "
+                         f"{saved} is checkpointed in {ckpt.path}, and --resume continues from "
+                         "there.")
+        else:
+            parts.append(f"Lost: {what}; no checkpoint was written yet (--checkpoint-every), "
+                         f"so {'it starts' if one else 'they start'} again from step 0.")
+    if kept or saved:
+        parts.append("Run the same command with --resume to complete the sweep.")
+    else:
+        parts.append("Nothing to resume: run the same command again (without --resume).")
+    return " ".join(parts)
+
+
+def _done(rec: dict[str, Any] | None, retry_failed: bool) -> bool:
+    return rec is not None and (rec.get("status") == "ok" or not retry_failed)
+
+
+def _has_ok(latest: dict[str, dict[str, Any]], ds: str) -> bool:
+    return any(r.get("dataset") == ds and r.get("status") == "ok" for r in latest.values())
+
