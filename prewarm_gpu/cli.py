@@ -83,7 +83,61 @@ def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``reproduce`` and ``grid`` share (the sweep engine's)."""
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="default: the paper's 42 7 13 99 2025 1 8 21")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
+    p.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
+    p.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
+    p.add_argument("--device", default=_default_device(),
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for torch (default on a CPU device: every core this "
+                   "process may use, os.sched_getaffinity; recorded with each run)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="single-run trainer: keep the model in NCHW (default: channels_last)")
+    p.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="train one run at a time (default: the runs of a dataset train together "
+                   "as one stacked model)")
+    p.add_argument("--baseline", choices=["torch-default", "he-normal", "he-uniform"],
+                   default="torch-default",
+                   help="the weights both arms start from: torch-default (PyTorch's "
+                   "kaiming_uniform_(a=√5), std 1/√(3·fan_in); the paper's Listing 2) or He et "
+                   "al. 2015, std √(2/fan_in), biases 0, for every conv and linear layer")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="fp32 (default, as the paper), tf32, or bf16 autocast. bf16 did not "
+                   "reproduce fp32's result on an H100 (Fashion-MNIST: 1.3 points lower, p 0.11 "
+                   "instead of 0.012); do not use it for Table 3")
+    p.add_argument("--backend", choices=["auto", "grouped", "vmap", "loop"], default="auto",
+                   help="batched trainer: grouped convolutions, vmap, or per-run kernels in one "
+                   "step (auto: loop on the CPU, grouped for SimpleCNN on a GPU)")
+    p.add_argument("--checkpoint-every", default="10m", metavar="N|Mm|Ss",
+                   help="checkpoint the runs in training every N steps, M minutes or S seconds "
+                   "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
+                   "interrupted run from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="complete the sweep in --out: run only the runs missing from "
+                   "results.jsonl, continuing interrupted ones from their checkpoints")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the tables (reproduce: summary.json, table.md; grid: grid.json, "
+                   "grid.md) and, with --plot, the figures from the results in --out; train "
+                   "nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume, also rerun runs recorded as failed")
+    p.add_argument("--plot", action="store_true",
+                   help="write figures (needs matplotlib): reproduce: filters_<dataset>.png and "
+                   "curves_<dataset>.png; grid: grid_<dataset>.png")
+    p.add_argument("--data-dir", type=Path, default=None, help=_DATA_DIR_HELP)
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download missing datasets into --data-dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .experiment.grid import LOSS_WINDOW, METRICS, PAPER_GRID
+
     summary = __doc__.split("\n\n")[0].replace("``", "")
     p = argparse.ArgumentParser(prog="prewarm-gpu", description=summary,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "on Kaiming, and print Table 3 as Markdown.")
     r.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME",
                    help=f"{names}, or 'all' (the paper's five). Default: digits")
-    r.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
-                   help="default: the paper's 42 7 13 99 2025 1 8 21")
     r.add_argument("--init", nargs="+", default=["kaiming", "prewarm"], metavar="NAME",
                    help="initialisations; each one besides kaiming is compared paired against "
                    "kaiming (default: kaiming prewarm)")
@@ -106,60 +158,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank", metavar="FILE", help="filter bank for 'filterbank' (option bank=FILE)")
     r.add_argument("--steps", type=_positive_int, help="training steps N (default: Table 1's 5000; "
                    "digits: 150)")
-    r.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
-    r.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
-    r.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
     r.add_argument("--aux-weight", type=float, default=0.3,
                    help="weight of auxiliary-head losses, for models that have them (0.3)")
     r.add_argument("--target-loss", type=float, default=0.5,
                    help="report the steps until the training loss falls below this (0.5)")
     r.add_argument("--eval-points", type=_positive_int, default=10,
                    help="test-accuracy points per run, for the curves (10)")
-    r.add_argument("--device", default=_default_device(),
-                   help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--threads", type=_positive_int,
-                   help="CPU threads for torch (default on a CPU device: every core this "
-                   "process may use, os.sched_getaffinity; recorded with each run)")
-    r.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                   help="single-run trainer: keep the model in NCHW (default: channels_last)")
-    r.add_argument("--no-batch", dest="batch", action="store_false",
-                   help="train one run at a time (default: the runs of a dataset train together "
-                   "as one stacked model)")
-    r.add_argument("--baseline", choices=["torch-default", "he-normal", "he-uniform"],
-                   default="torch-default",
-                   help="the weights both arms start from: torch-default (PyTorch's "
-                   "kaiming_uniform_(a=√5), std 1/√(3·fan_in); the paper's Listing 2) or He et "
-                   "al. 2015, std √(2/fan_in), biases 0, for every conv and linear layer")
-    r.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="fp32 (default, as the paper), tf32, or bf16 autocast. bf16 did not "
-                   "reproduce fp32's result on an H100 (Fashion-MNIST: 1.3 points lower, p 0.11 "
-                   "instead of 0.012); do not use it for Table 3")
-    r.add_argument("--backend", choices=["auto", "grouped", "vmap", "loop"], default="auto",
-                   help="batched trainer: grouped convolutions, vmap, or per-run kernels in one "
-                   "step (auto: loop on the CPU, grouped for SimpleCNN on a GPU)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
                    "runs/all for --dataset all)")
-    r.add_argument("--checkpoint-every", default="10m", metavar="N|Mm|Ss",
-                   help="checkpoint the runs in training every N steps, M minutes or S seconds "
-                   "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
-                   "interrupted run from its last checkpoint")
-    r.add_argument("--resume", action="store_true",
-                   help="complete the sweep in --out: run only the runs missing from "
-                   "results.jsonl, continuing interrupted ones from their checkpoints")
-    r.add_argument("--report-only", action="store_true",
-                   help="rewrite summary.json, table.md (and the plots with --plot) from the "
-                   "results in --out; train nothing")
-    r.add_argument("--retry-failed", action="store_true",
-                   help="with --resume, also rerun runs recorded as failed")
-    r.add_argument("--plot", action="store_true",
-                   help="write filters_<dataset>.png and curves_<dataset>.png (needs matplotlib)")
     r.add_argument("--save-models", action="store_true",
                    help="save trained state dicts to <out>/models/<dataset>-<init>-<seed>.pt")
-    r.add_argument("--data-dir", type=Path, default=None, help=_DATA_DIR_HELP)
-    r.add_argument("--download", action="store_true",
-                   help="let torchvision download missing datasets into --data-dir")
-    r.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    _sweep_arguments(r)
+
+    g = sub.add_parser("grid", help="the paper's hyperparameter grid (§4.3) against Kaiming",
+                       description="Pre-Warm over patch_size × n_clusters × n_patches × scale "
+                       "(the paper's grid by default; narrow any axis), one Kaiming run per seed "
+                       "shared by every cell; per cell the paired statistics of the training loss "
+                       f"at --steps (mean of the last {LOSS_WINDOW} steps) or the final accuracy. "
+                       "Writes grid.md, grid.json (and grid_<dataset>.png with --plot).")
+    g.add_argument("--dataset", default="fashion-mnist", metavar="NAME",
+                   help=f"one of {names} (default: fashion-mnist, the paper's)")
+    for axis, values in PAPER_GRID.items():
+        g.add_argument(f"--{axis.replace('_', '-')}", nargs="+",
+                       type=float if axis == "scale" else _positive_int, metavar="V",
+                       default=list(values),
+                       help=f"default: the paper's {' '.join(map(str, values))}")
+    g.add_argument("--metric", choices=METRICS, default="loss",
+                   help=f"loss: training loss at --steps, the mean of the last {LOSS_WINDOW} "
+                   "steps (the paper's, default); accuracy: final test accuracy")
+    g.add_argument("--steps", type=_positive_int, default=500, help="training steps (500)")
+    g.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="at most N runs train together (default on a CPU: one seed's runs; on a "
+                   "GPU: all)")
+    g.add_argument("--out", type=Path, help="output folder (default: runs/grid-<dataset>)")
+    _sweep_arguments(g)
 
     s = sub.add_parser("stats", help="print Table 1's derived quantities for a dataset",
                        description="Otsu τ*, foreground density d, mean patch norm, n_patches (eq. "
@@ -230,6 +262,34 @@ def _sweep_config(args: argparse.Namespace):
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
         report_only=args.report_only,
     )
+
+
+def _grid_config(args: argparse.Namespace):
+    from .experiment import SEEDS
+    from .experiment.grid import GridConfig
+
+    (dataset,) = _datasets([args.dataset])
+    return GridConfig(
+        datasets=[dataset], seeds=list(dict.fromkeys(args.seeds or SEEDS)),
+        out=args.out or Path("runs") / f"grid-{dataset}", device=args.device,
+        data_dir=args.data_dir, download=args.download, resume=args.resume,
+        retry_failed=args.retry_failed, plot=args.plot, progress=args.progress, steps=args.steps,
+        batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
+        channels_last=args.channels_last, batch=args.batch, precision=args.precision,
+        backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
+        report_only=args.report_only, group_size=args.group_size,
+        patch_size=args.patch_size, n_clusters=args.n_clusters, n_patches=args.n_patches,
+        scale=args.scale, metric=args.metric,
+    )
+
+
+def _grid(config) -> int:
+    from .experiment.grid import GRID_JSON, GRID_MD, run_grid
+
+    outcome = run_grid(config)
+    print(outcome.table, flush=True)
+    print(f"\nresults: {config.out / 'results.jsonl'}, {GRID_JSON}, {GRID_MD}", file=sys.stderr)
+    return 1 if outcome.failed else 0
 
 
 def _reproduce(args: argparse.Namespace, config) -> int:
@@ -332,6 +392,12 @@ def _prepare(args: argparse.Namespace):
             for n in names:
                 locate(n, args.data_dir)
         return lambda: _stats(args)
+    if args.command == "grid":
+        from .experiment.grid import prepare_grid
+
+        config, _ = prepare_grid(_grid_config(args))
+        args.out = config.out
+        return lambda: _grid(config)
     from .experiment import prepare_sweep
 
     config, _ = prepare_sweep(_sweep_config(args))
@@ -391,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 — a bug: say so, keep the traceback, distinct exit code
         traceback.print_exc()
         out = getattr(args, "out", None)
-        kept = f"; finished runs are kept in {out}" if out and args.command == "reproduce" else ""
+        sweep = args.command in ("reproduce", "grid")
+        kept = f"; finished runs are kept in {out}" if out and sweep else ""
         print(f"prewarm-gpu: internal error (a bug, please report it with the traceback above)"
               f"{kept}", file=sys.stderr)
         return 3

@@ -123,3 +123,51 @@ def plot_curves(config: SweepConfig, specs: Sequence[RunSpec],
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_grid(summary: dict[str, Any], out: Path) -> Path | None:
+    """``grid_<dataset>.png``: for each (patch_size, n_clusters), heat maps of Δ (Pre-Warm −
+    Kaiming of the metric) and −log10 p over n_patches × scale; the rule's n_patches outlined."""
+    plt = import_pyplot()
+    cells = [c for c in summary["cells"] if c.get("n")]
+    if not cells:
+        return None
+    xs, ys = summary["axes"]["n_patches"], summary["axes"]["scale"]
+    pairs = list(dict.fromkeys((c["patch_size"], c["n_clusters"]) for c in cells))
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(11, 2.2 + 2.4 * len(pairs)), squeeze=False)
+    lower = summary["metric"] == "loss"
+    for row, (ps, k) in zip(axes, pairs, strict=True):
+        delta = np.full((len(ys), len(xs)), np.nan)
+        logp = np.full_like(delta, np.nan)
+        for c in cells:
+            if (c["patch_size"], c["n_clusters"]) == (ps, k):
+                i, j = ys.index(c["scale"]), xs.index(c["n_patches"])
+                delta[i, j] = c["delta"]
+                if c["p"] is not None and np.isfinite(c["p"]):
+                    logp[i, j] = -np.log10(c["p"])
+        lim = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() else 1.0
+        panels = ((delta, "Δ " + summary["metric"] + (" (< 0: Pre-Warm better)" if lower else
+                   " (> 0: Pre-Warm better)"), "RdBu_r" if lower else "RdBu", -lim, lim),
+                  (logp, "−log10 p (one-sided t-test)", "viridis", 0, max(2.0, np.nanmax(logp)
+                   if np.isfinite(logp).any() else 2.0)))
+        for ax, (z, title, cmap, lo, hi) in zip(row, panels, strict=True):
+            im = ax.imshow(z, cmap=cmap, vmin=lo, vmax=hi, aspect="auto", origin="lower")
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+            ax.set(xlabel="n_patches", ylabel="scale", title=f"patch {ps}, k={k}: {title}")
+            for (i, j), v in np.ndenumerate(z):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.3f}" if z is delta else f"{v:.2f}", ha="center",
+                            va="center", fontsize=7)
+            if summary.get("rule_n_patches") in xs:
+                j = xs.index(summary["rule_n_patches"])
+                ax.axvline(j - 0.5, color="k", lw=1.5)
+                ax.axvline(j + 0.5, color="k", lw=1.5)
+            fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{summary['dataset']}: Pre-Warm − Kaiming, {summary['steps']} steps, "
+                 f"{len(summary['seeds'])} seeds", fontsize=10)
+    fig.tight_layout()
+    path = out / f"grid_{summary['dataset']}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
