@@ -98,8 +98,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="single-run trainer: keep the model in NCHW (default: channels_last)")
     p.add_argument("--no-batch", dest="batch", action="store_false",
-                   help="train one run at a time (default: the runs of a dataset train together "
-                   "as one stacked model)")
+                   help="train one run at a time (reproduce's default: the runs of a dataset "
+                   "train together as one stacked model; grid's: see --batch)")
     p.add_argument("--baseline", choices=["torch-default", "he-normal", "he-uniform"],
                    default="torch-default",
                    help="the weights both arms start from: torch-default (PyTorch's "
@@ -188,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "steps (the paper's, default); accuracy: final test accuracy")
     g.add_argument("--steps", type=_positive_int, default=500, help="training steps (500)")
     g.add_argument("--group-size", type=_positive_int, metavar="N",
-                   help="at most N runs train together (default on a CPU: one seed's runs; on a "
-                   "GPU: all)")
+                   help="with stacked training, at most N runs train together (default on a "
+                   "GPU: all; on a CPU with --batch: one seed's runs)")
     g.add_argument("--out", type=Path, help="output folder (default: runs/grid-<dataset>)")
     _sweep_arguments(g)
+    g.add_argument("--batch", dest="batch", action="store_true",
+                   help="train the runs stacked (the default on a GPU; on a CPU, one at a time "
+                   "measured faster)")
+    g.set_defaults(batch=None)
 
     s = sub.add_parser("stats", help="print Table 1's derived quantities for a dataset",
                        description="Otsu τ*, foreground density d, mean patch norm, n_patches (eq. "

@@ -346,3 +346,30 @@ def test_report_only_rewrites_the_tables_without_training(tmp_path):
     assert "not run yet (2): digits kaiming seed 7, digits prewarm seed 7" in table
     with pytest.raises(experiment.NothingToResumeError, match="no results to report"):
         run_sweep(tiny(tmp_path / "empty", report_only=True))
+
+
+def test_an_initialiser_that_draws_from_the_global_rng_is_a_failed_run(tmp_path, monkeypatch):
+    def sneaky(model, *, data=None, generator=None, **options):
+        with torch.no_grad():
+            model.conv1.weight.add_(torch.randn_like(model.conv1.weight))  # not its generator
+        return {}
+
+    monkeypatch.setitem(initializers.INITIALIZERS, "sneaky", sneaky)
+    table = run_sweep(tiny(tmp_path, inits=["kaiming", "sneaky"], seeds=[42]))
+    rec = {r["init"]: r for r in read_results(tmp_path / "results.jsonl")}
+    assert rec["kaiming"]["status"] == "ok" and rec["sneaky"]["status"] == "failed"
+    assert "drew from the global random number generator" in rec["sneaky"]["error"]
+    assert "failed: digits sneaky seed 42" in table
+
+
+def test_build_arm_neither_reads_nor_moves_the_global_rng(digits):
+    spec = next(s for s in plan_runs(tiny(Path("unused"), seeds=[7])) if s.init == "prewarm")
+    torch.manual_seed(0)
+    a, _ = build_arm(spec, digits)
+    state = torch.get_rng_state()
+    torch.manual_seed(12345)  # another global state: the same arm
+    b, _ = build_arm(spec, digits)
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+    torch.manual_seed(0)
+    build_arm(spec, digits)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is where it was

@@ -71,12 +71,15 @@ class GridConfig(SweepConfig):
     n_patches: list[int] = field(default_factory=lambda: list(PAPER_GRID["n_patches"]))
     scale: list[float] = field(default_factory=lambda: list(PAPER_GRID["scale"]))
     metric: str = "loss"  # loss (L_N, lower is better) | accuracy (final, higher is better)
-    rule_n_patches: int | None = None  # eq. 5/6 on the dataset (marked in grid.md); None: unknown
+    rule_n_patches: int | None = None  # eq. 5/6 on the dataset (marked in grid.md); None: compute
+    batch: bool | None = None  # stacked training; None: on a GPU only (see auto_group_size)
 
     def __post_init__(self):
         if self.out is None:
             self.out = f"runs/grid-{self.datasets[0]}" if self.datasets else "runs/grid"
         self.inits = ["kaiming", METHOD]
+        if self.batch is None:
+            self.batch = torch.device(self.device).type != "cpu"
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The sweep's protocol with the loss recorded at every step (so L_N, and any other
@@ -126,11 +129,13 @@ def plan_grid(config: GridConfig) -> list[RunSpec]:
 
 
 def auto_group_size(config: GridConfig, specs: Sequence[RunSpec]) -> int:
-    """Runs trained together when ``--group-size`` is not given. On the CPU the stacked trainer
-    is no faster than runs one at a time (``loop`` backend, measured), so one seed's runs (its
-    Kaiming run and every cell) train together and each group ends with complete pairs recorded;
-    on a GPU, every run of the grid at once (a plan that does not fit fails with the device's
-    out-of-memory error: narrow it with --group-size)."""
+    """Runs trained together when stacked training is on and ``--group-size`` is not given.
+
+    On a GPU, every run of the grid at once (a plan that does not fit fails with the device's
+    out-of-memory error: narrow it with --group-size). On the CPU the grid trains one run at a
+    time by default, because stacking measured slower there (``benchmarks/bench_grid.py``; see
+    the README); asked for anyway (``batch=True``), one seed's runs (its Kaiming run and every
+    cell) train together, so each group ends with complete pairs recorded."""
     if torch.device(config.device).type == "cpu":
         return max(1, sum(1 for s in specs if s.seed == specs[0].seed))
     return len(specs)

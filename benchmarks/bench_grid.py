@@ -1,0 +1,107 @@
+"""The grid's speed (issue 14 item 5): run-steps per second of ``prewarm-gpu grid`` as it runs
+(one seed's runs stacked on the CPU; all runs on a GPU) against the same runs one at a time
+(``--no-batch``: the single-run trainer, channels_last), side by side in one process.
+
+Each repetition runs both modes on the same cells, seeds and data (loaded once), alternating
+which goes first; the whole :func:`~prewarm_gpu.experiment.grid.run_grid` call is timed (arms
+built, k-means, training, evaluation, records written), and its run-steps (runs × steps) divided
+by the time. The ratio is the median over repetitions of grid ÷ one-at-a-time.
+
+Usage::
+
+    python benchmarks/bench_grid.py --dataset fashion-mnist --device cpu --threads 1 \\
+        --steps 100 --reps 3 --out benchmarks/results/grid-cpu-2core.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prewarm_gpu.data import load_dataset
+from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment.grid import GridConfig, plan_grid, prepare_grid, run_grid
+
+
+def _config(args, out: Path, batch: bool) -> GridConfig:
+    return GridConfig(datasets=[args.dataset], seeds=args.seeds, out=out, device=args.device,
+                      steps=args.steps, patch_size=[3], n_clusters=[16], n_patches=args.n_patches,
+                      scale=[0.2], rule_n_patches=0, batch=batch, progress=False,
+                      checkpoint_every="0", metric=args.metric)
+
+
+def _timed(args, out: Path, batch: bool) -> dict:
+    config = _config(args, out, batch)
+    specs = plan_grid(config)
+    groups = engine._groups(specs, batch, prepare_grid(config)[0].group_size)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run_grid(config, log=lambda s: None)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    run_steps = len(specs) * args.steps
+    return {"seconds": seconds, "runs": len(specs), "groups": len(groups),
+            "run_steps_per_s": run_steps / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
+    p.add_argument("--n-patches", type=int, nargs="+", default=[10, 25, 100])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--metric", default="loss", help="accuracy allows --steps < 50")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.dataset, device=args.device)
+    engine.load_dataset = lambda name, **k: data  # load once; both modes read the same tensors
+    reps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.reps):
+            order = [True, False] if i % 2 == 0 else [False, True]
+            rep = {}
+            for batch in order:
+                name = "grid" if batch else "one_at_a_time"
+                rep[name] = _timed(args, Path(tmp, f"{name}-{i}"), batch)
+                print(f"rep {i} {name}: {rep[name]['run_steps_per_s']:.2f} run-steps/s",
+                      file=sys.stderr, flush=True)
+            reps.append(rep)
+    ratio = statistics.median(r["grid"]["run_steps_per_s"] / r["one_at_a_time"]["run_steps_per_s"]
+                              for r in reps)
+    dev = torch.device(args.device)
+    blob = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(), "device": str(dev),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                    "torch_threads": torch.get_num_threads()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "reps": reps,
+        "grid_run_steps_per_s": statistics.median(r["grid"]["run_steps_per_s"] for r in reps),
+        "one_at_a_time_run_steps_per_s": statistics.median(
+            r["one_at_a_time"]["run_steps_per_s"] for r in reps),
+        "grid_vs_one_at_a_time": ratio,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(blob, indent=2) + "\n")
+    print(json.dumps({k: blob[k] for k in ("grid_run_steps_per_s",
+                                           "one_at_a_time_run_steps_per_s",
+                                           "grid_vs_one_at_a_time")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
