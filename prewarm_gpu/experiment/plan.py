@@ -65,6 +65,8 @@ class SweepConfig:
     checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
     report_only: bool = False  # rewrite summary, table (and plots) from results.jsonl; train none
     group_size: int | None = None  # most runs trained together (None: all of an architecture)
+    executor: str = "local"  # local (this process) | ray (groups as Ray tasks; optional extra)
+    ray_address: str | None = None  # ray.init(address=…): None starts a local Ray, or "auto"
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""

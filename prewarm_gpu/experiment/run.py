@@ -101,9 +101,14 @@ def checkpoint_policy(config: SweepConfig, group: Sequence[RunSpec]) -> Checkpoi
     every_steps, every_seconds = parse_every(config.checkpoint_every)
     if every_steps is None and every_seconds is None:
         return None
+    return CheckpointPolicy(config.out / CHECKPOINTS / checkpoint_name(group), every_steps,
+                            every_seconds)
+
+
+def checkpoint_name(group: Sequence[RunSpec]) -> str:
+    """``<dataset>-<hash of the group's run keys>.pt``: a group's checkpoint file."""
     digest = hashlib.sha256("\n".join(s.key for s in group).encode()).hexdigest()[:16]
-    return CheckpointPolicy(config.out / CHECKPOINTS / f"{group[0].dataset}-{digest}.pt",
-                            every_steps, every_seconds)
+    return f"{group[0].dataset}-{digest}.pt"
 
 
 def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
@@ -335,6 +340,67 @@ def execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, *,
         return _execute(config, specs, outputs, log, after_run)
 
 
+def run_group(config: SweepConfig, group: Sequence[RunSpec], data: ImageData,
+              progress: Callable[[int], None] | None = None,
+              checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
+    """Train one group of runs (the unit an executor runs: :func:`run_batch` for several, else
+    :func:`run_one`); their records, in order, without the environment."""
+    if len(group) > 1:
+        return run_batch(group, data, progress=progress, backend=config.backend,
+                         save_dir=config.out if config.save_models else None,
+                         checkpoint=checkpoint)
+    spec = group[0]
+    rec = run_one(spec, data, progress=progress, checkpoint=checkpoint,
+                  save_to=model_path(config.out, spec) if config.save_models else None)
+    rec["trainer"] = "single"
+    return [rec]
+
+
+class LocalExecutor:
+    """Runs the groups one after another in this process, on ``config.device`` (the default)."""
+
+    name = "local"
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.data = log, None
+
+    def load(self, config: SweepConfig, ds: str) -> ImageData:
+        if self.data is None or self.data.spec.name != ds:
+            self.data = None  # free the previous dataset first
+            self.data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
+                                     device=config.device)
+            if self.data.source is not None:
+                self.log(f"{ds}: read from {self.data.source}")
+        return self.data
+
+    def map(self, config: SweepConfig, ds: str, groups: list[list[RunSpec]],
+            state: dict[str, Any], bar) -> Iterator[tuple[list[RunSpec], list[dict[str, Any]]]]:
+        """Yield ``(group, records)`` as each group finishes; ``state`` says what is in flight."""
+        data = self.load(config, ds)
+        update = bar.update if bar is not None else None
+        for group in groups:
+            ckpt = checkpoint_policy(config, group)
+            state["in_flight"], state["checkpoints"] = list(group), [ckpt]
+            if bar is not None:
+                bar.set_postfix_str(group[0].label if len(group) == 1 else
+                                    f"{ds}: {len(group)} runs batched", refresh=False)
+            yield group, run_group(config, group, data, update, ckpt)
+
+    def close(self) -> None:
+        self.data = None
+
+
+def make_executor(config: SweepConfig, log: Callable[[str], None]):
+    """The executor ``config.executor`` names (``local``, or ``ray``: the optional extra)."""
+    if config.executor == "local":
+        return LocalExecutor(log)
+    if config.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(config, log)
+    raise ValueError(f"--executor must be 'local' or 'ray', got {config.executor!r}")
+
+
 def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
              after_run) -> Any:
     path = config.out / RESULTS
@@ -351,35 +417,15 @@ def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
         log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "
             f"running the other {len(todo)}")
     bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
-    state: dict[str, Any] = {"written": 0, "in_flight": [], "checkpoint": None}
+    state: dict[str, Any] = {"written": 0, "in_flight": [], "checkpoints": []}
+    executor = make_executor(config, log) if todo else LocalExecutor(log)
     try:
         for ds in config.datasets:
             mine = [s for s in todo if s.dataset == ds]
-            if not mine and not (config.plot and _has_ok(latest, ds)):
-                continue
-            data = load_dataset(ds, data_dir=config.data_dir, download=config.download,
-                                device=config.device)
-            if data.source is not None:
-                log(f"{ds}: read from {data.source}")
-            update = bar.update if bar is not None else None
-            for group in _groups(mine, config.batch, config.group_size):
-                ckpt = checkpoint_policy(config, group)
-                state["in_flight"], state["checkpoint"] = group, ckpt
-                if bar is not None:
-                    bar.set_postfix_str(group[0].label if len(group) == 1 else
-                                        f"{ds}: {len(group)} runs batched", refresh=False)
-                if len(group) > 1:
-                    recs = run_batch(group, data, progress=update, backend=config.backend,
-                                     save_dir=config.out if config.save_models else None,
-                                     checkpoint=ckpt)
-                else:
-                    spec = group[0]
-                    recs = [run_one(spec, data, progress=update, checkpoint=ckpt,
-                                    save_to=model_path(config.out, spec)
-                                    if config.save_models else None)]
-                    recs[0]["trainer"] = "single"
+            groups = _groups(mine, config.batch, config.group_size)
+            for group, recs in executor.map(config, ds, groups, state, bar) if mine else ():
                 for spec, rec in zip(group, recs, strict=True):
-                    rec["env"] = env
+                    rec["env"] = rec.get("env") or env
                     append_result(path, rec)
                     records.append(rec)
                     state["written"] += 1
@@ -388,17 +434,22 @@ def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
                         log(f"run failed: {spec.label}: {rec['error']}")
                     if after_run is not None:
                         after_run(rec)
-                state["in_flight"], state["checkpoint"] = [], None
-                if ckpt is not None:
-                    ckpt.remove()  # its runs are recorded
+                done = checkpoint_policy(config, group)
+                if done is not None:
+                    done.remove()  # its runs are recorded
+                    state["checkpoints"] = [c for c in state["checkpoints"]
+                                            if c is not None and c.path != done.path]
                 outputs.write(config, specs, records, env)
-            if config.plot and outputs.plot_dataset is not None:
-                outputs.plot_dataset(config, specs, data)
-            del data
+            if config.plot and outputs.plot_dataset is not None and \
+                    (mine or _has_ok(latest, ds)):
+                local = executor if isinstance(executor, LocalExecutor) else LocalExecutor(log)
+                outputs.plot_dataset(config, specs, local.load(config, ds))
     except KeyboardInterrupt as e:
+        executor.close()
         outputs.write(config, specs, records, env)
         raise SweepInterrupted(_interrupted(config, specs, records, state)) from e
     finally:
+        executor.close()
         if bar is not None:
             bar.close()
     outcome = outputs.write(config, specs, records, env)
@@ -415,7 +466,17 @@ def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) 
     parts = [f"{kept} of {len(specs)} runs are finished and kept in {path} "
              f"({state['written']} written by this command)."]
     lost = state["in_flight"]
-    ckpt = state["checkpoint"]
+    ckpts = [c for c in state["checkpoints"] if c is not None]
+    if len(ckpts) > 1 or state.get("remote"):  # several groups on workers: their steps unknown here
+        if lost:
+            parts.append(f"In flight on {state.get('remote') or 'workers'}: {len(lost)} runs; "
+                         f"those that wrote a checkpoint continue from it in "
+                         f"{config.out / CHECKPOINTS} with --resume, the others start again "
+                         "from step 0.")
+        parts.append("Run the same command with --resume to complete the sweep." if kept or lost
+                     else "Nothing to resume: run the same command again (without --resume).")
+        return " ".join(parts)
+    ckpt = ckpts[0] if ckpts else None
     saved = ckpt.active.saved_step if ckpt is not None and ckpt.active is not None else None
     if lost:
         one = len(lost) == 1
