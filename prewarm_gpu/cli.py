@@ -133,6 +133,13 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="let torchvision download missing datasets into --data-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: train in this process (default); ray: each group of runs is a "
+                   "task on a Ray cluster's workers, one per GPU (or CPU), the results written "
+                   "here (pip install 'prewarm-gpu[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="with --executor ray: the cluster to join (default: start a local Ray on "
+                   "this machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +271,7 @@ def _sweep_config(args: argparse.Namespace):
         eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
-        report_only=args.report_only,
+        report_only=args.report_only, executor=args.executor, ray_address=args.ray_address,
     )
 
 
@@ -281,7 +288,8 @@ def _grid_config(args: argparse.Namespace):
         batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
-        report_only=args.report_only, group_size=args.group_size,
+        report_only=args.report_only, group_size=args.group_size, executor=args.executor,
+        ray_address=args.ray_address,
         patch_size=args.patch_size, n_clusters=args.n_clusters, n_patches=args.n_patches,
         scale=args.scale, metric=args.metric,
     )

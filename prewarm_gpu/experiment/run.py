@@ -314,6 +314,12 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
                      out=Path(config.out))
     if config.group_size is not None and config.group_size < 1:
         raise ValueError(f"group_size must be >= 1 or None, got {config.group_size}")
+    if config.executor not in ("local", "ray"):
+        raise ValueError(f"--executor must be 'local' or 'ray', got {config.executor!r}")
+    if config.executor == "ray" and not config.report_only:
+        from .ray_executor import import_ray
+
+        import_ray()  # ImportError naming the extra, before any work
     specs = plan(config)
     _check_out(config)
     if config.plot and plot_check is not None:
