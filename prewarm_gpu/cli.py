@@ -419,9 +419,10 @@ def _prepare(args: argparse.Namespace):
 
 def _user_errors():
     from .experiment import NothingToResumeError, ResultsExistError, SweepLockedError
+    from .experiment.ray_executor import ExecutorUnavailableError
 
     return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError,
-            SweepLockedError)
+            SweepLockedError, ExecutorUnavailableError)
 
 
 def _error(e: BaseException, code: int = 2) -> int:
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     from .experiment import ResultsWriteError
+    from .experiment.ray_executor import WorkersLostError
 
     try:
         try:
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e)
     except ResultsWriteError as e:
         return _error(e, 4)
+    except WorkersLostError as e:
+        return _error(f"{e}; every finished run is kept in {args.out}", 5)
     except KeyboardInterrupt as e:
         from .experiment import SweepInterrupted
 

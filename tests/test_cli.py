@@ -227,3 +227,12 @@ def test_the_printed_table_states_its_protocol(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Digits (8×8): 6 steps, batch 256" in out and "2 seeds (42 7), fp32, device cpu" in out
     assert "baseline torch-default" in out
+
+
+def test_executor_ray_without_ray_is_exit_2_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    out = tmp_path / "r"
+    code = cli.main(["grid", "--dataset", "digits", "--executor", "ray", "--out", str(out),
+                     "--n-patches", "10", "--scale", "0.2", "--seeds", "1", *FAST[:2]])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'prewarm-gpu[ray]'" in err and not out.exists()

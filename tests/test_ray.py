@@ -66,7 +66,7 @@ def test_a_killed_worker_is_retried_and_the_table_is_unchanged(tmp_path, local_t
     killed = []
 
     def kill_a_worker(rec):
-        if not killed:  # the worker that sent this has just been given the next group
+        if not killed:  # the worker that sent this is given the next group as this returns
             killed.append(rec["env"]["worker_pid"])
             os.kill(rec["env"]["worker_pid"], signal.SIGKILL)
 
@@ -85,9 +85,80 @@ def test_an_interrupted_driver_resumes_only_what_is_missing(tmp_path, local_tabl
         if len(seen) == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(SweepInterrupted, match="2 of 6 runs are finished"):
+    with pytest.raises(SweepInterrupted, match="2 of 6 runs are finished") as e:
         run_grid(small(out, executor="ray"), after_run=stop)
+    assert "In flight on Ray workers: 1 run(s)" in str(e.value)  # the other worker's group
+    assert "Not started: 3 run(s)." in str(e.value)
     ran = []
     run_grid(small(out, executor="ray", resume=True), after_run=ran.append)
     assert len(ran) == 4
     assert cells(out) == cells(local_table)
+
+
+def test_a_worker_dead_for_good_fails_its_group_and_the_others_go_on(tmp_path, local_table,
+                                                                      monkeypatch):
+    from prewarm_gpu.experiment import ray_executor
+
+    monkeypatch.setattr(ray_executor, "MAX_RETRIES", 0)  # no restart: the first death is final
+    out = tmp_path / "dead"
+    killed = []
+
+    def kill_a_worker(rec):
+        if not killed:  # that worker is given the next group as this returns: it dies under it
+            killed.append(rec["env"]["worker_pid"])
+            os.kill(rec["env"]["worker_pid"], signal.SIGKILL)
+
+    outcome = run_grid(small(out, executor="ray"), after_run=kill_a_worker)
+    recs = read_results(out / "results.jsonl")
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert len(recs) == 6 and len(failed) == 1 and outcome.failed == 1
+    assert "died for good" in failed[0]["error"] and failed[0]["accuracy"] is None
+    assert {r["env"]["worker_pid"] for r in recs if r["status"] == "ok"} - set(killed)
+    run_grid(small(out, executor="ray", resume=True, retry_failed=True))  # fresh workers
+    assert cells(out) == cells(local_table)
+
+
+def test_when_every_worker_is_dead_the_sweep_stops_and_resumes(tmp_path, local_table,
+                                                               monkeypatch):
+    from prewarm_gpu.experiment import ray_executor
+
+    monkeypatch.setattr(ray_executor, "MAX_RETRIES", 0)
+    made = []
+    init = ray_executor.RayExecutor.__init__
+    monkeypatch.setattr(ray_executor.RayExecutor, "__init__",
+                        lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    out = tmp_path / "all-dead"
+    pids = []
+
+    def kill_every_worker(rec):
+        if not pids:  # a busy worker answers once its group is done
+            pids.extend(ray.get([a.pid.remote() for a in made[-1].actors]))
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(ray_executor.WorkersLostError, match=r"run\(s\) of digits were not run"):
+        run_grid(small(out, executor="ray"), after_run=kill_every_worker)
+    recs = read_results(out / "results.jsonl")
+    assert 1 <= len(recs) < 6  # what finished, and the groups the dying workers held, failed
+    run_grid(small(out, executor="ray", resume=True, retry_failed=True))
+    assert cells(out) == cells(local_table)
+
+
+def test_a_cluster_without_the_device_is_refused_before_any_training(tmp_path, monkeypatch):
+    from prewarm_gpu.experiment import ray_executor
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1.0})
+    out = tmp_path / "none"
+    with pytest.raises(ray_executor.ExecutorUnavailableError, match="has no CPU"):
+        run_grid(small(out, executor="ray"))
+    assert not (out / "results.jsonl").exists() or not read_results(out / "results.jsonl")
+
+
+def test_workers_write_under_a_relative_out_of_the_driver(tmp_path, monkeypatch):
+    from prewarm_gpu.experiment import SweepConfig, reproduce
+
+    monkeypatch.chdir(tmp_path)  # a worker's cwd is not the driver's
+    reproduce(SweepConfig(seeds=[1, 2], out="rel", steps=20, save_models=True, batch=False,
+                          checkpoint_every="5", executor="ray", progress=False))
+    assert len(list((tmp_path / "rel" / "models").glob("*.pt"))) == 4  # the workers wrote them
+    assert len(read_results(tmp_path / "rel" / "results.jsonl")) == 4

@@ -475,10 +475,12 @@ def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) 
     ckpts = [c for c in state["checkpoints"] if c is not None]
     if len(ckpts) > 1 or state.get("remote"):  # several groups on workers: their steps unknown here
         if lost:
-            parts.append(f"In flight on {state.get('remote') or 'workers'}: {len(lost)} runs; "
+            parts.append(f"In flight on {state.get('remote') or 'workers'}: {len(lost)} run(s); "
                          f"those that wrote a checkpoint continue from it in "
                          f"{config.out / CHECKPOINTS} with --resume, the others start again "
                          "from step 0.")
+        if len(specs) - kept - len(lost):
+            parts.append(f"Not started: {len(specs) - kept - len(lost)} run(s).")
         parts.append("Run the same command with --resume to complete the sweep." if kept or lost
                      else "Nothing to resume: run the same command again (without --resume).")
         return " ".join(parts)
