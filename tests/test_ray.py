@@ -162,3 +162,13 @@ def test_workers_write_under_a_relative_out_of_the_driver(tmp_path, monkeypatch)
                           checkpoint_every="5", executor="ray", progress=False))
     assert len(list((tmp_path / "rel" / "models").glob("*.pt"))) == 4  # the workers wrote them
     assert len(read_results(tmp_path / "rel" / "results.jsonl")) == 4
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "localhost", "ray://127.0.0.1:1"])
+def test_an_unreachable_cluster_is_refused_at_once(tmp_path, monkeypatch, address):
+    from prewarm_gpu.experiment import ray_executor
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh driver
+    monkeypatch.setattr(ray, "init", lambda **k: pytest.fail("ray.init despite no cluster"))
+    with pytest.raises(ray_executor.ExecutorUnavailableError, match="cannot reach"):
+        run_grid(small(tmp_path / "x", executor="ray", ray_address=address))

@@ -91,6 +91,7 @@ class RayExecutor:
         kind = "GPU" if gpu else "CPU"
         try:
             if not self.ray.is_initialized():
+                check_reachable(config.ray_address)
                 self.ray.init(address=config.ray_address, log_to_driver=False)
                 self.started = True
             resources = self.ray.cluster_resources()
@@ -179,6 +180,21 @@ class RayExecutor:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A ``ConnectionError`` unless ``HOST:PORT`` (or ``ray://HOST:PORT``) accepts a TCP
+    connection within ``timeout`` s: ``ray.init`` itself retries an unreachable address for
+    minutes. ``None`` (a local Ray) and ``auto`` (a running cluster's address file) pass."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"not HOST:PORT, auto, or ray://HOST:PORT: {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({e})") from None
 
 
 class ExecutorUnavailableError(RuntimeError):
