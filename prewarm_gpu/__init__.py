@@ -9,5 +9,9 @@ from . import rules
 from .kmeans import MiniBatchKMeans
 from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
+# Every built-in initialiser and architecture registered (prewarm_gpu.registry), whatever module a
+# user imports first: importing any prewarm_gpu module runs this file first.
+from . import initializers, methods, models  # noqa: E402,F401  isort: skip
+
 __all__ = ["MiniBatchKMeans", "PrewarmReport", "conditioned_init", "prewarm_", "rules"]
 __version__ = "0.1.0"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
+
+from .checks import is_int
 
 
 def _is_default(g: torch.Generator) -> bool:
@@ -37,7 +37,7 @@ def as_generator(generator: int | torch.Generator | None, device: torch.device) 
     g = torch.Generator(device=device)
     if generator is None:
         g.seed()
-    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+    elif is_int(generator):
         if not 0 <= generator < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {generator}")
         g.manual_seed(int(generator))

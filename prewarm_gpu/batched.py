@@ -33,6 +33,7 @@ from torch.func import functional_call, stack_module_state
 
 from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
+from .models import SimpleCNN, conv_blocks
 from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
 __all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BACKENDS",
@@ -96,6 +97,7 @@ class GroupedSimpleCNN(nn.Module):
         self.fc2_w = nn.Parameter(torch.stack([m.fc2.weight.detach() for m in models]))
         self.fc2_b = nn.Parameter(torch.stack([m.fc2.bias.detach() for m in models]))
         self.pool = nn.MaxPool2d(2)
+        self.relu = nn.ReLU()
 
     @staticmethod
     def _conv(c0: nn.Conv2d, convs: list[nn.Conv2d], R: int) -> nn.Conv2d:
@@ -121,8 +123,7 @@ class GroupedSimpleCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        x = self.pool(F.relu(self.bn1(self.conv1(x))))
-        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = conv_blocks(self, x)[1]  # SimpleCNN's blocks; groups=R keeps the runs apart
         x = x.reshape(B, self.R, -1).transpose(0, 1)  # (R, B, 64·h·w), each run's own flatten
         x = F.relu(torch.baddbmm(self.fc1_b[:, None], x, self.fc1_w.transpose(1, 2)))
         return torch.baddbmm(self.fc2_b[:, None], x, self.fc2_w.transpose(1, 2))
@@ -150,8 +151,6 @@ class GroupedSimpleCNN(nn.Module):
 
 
 def _grouped_ok(models: list[nn.Module]) -> bool:
-    from .models import SimpleCNN
-
     return type(models[0]) is SimpleCNN
 
 

@@ -1,111 +1,28 @@
-"""The registry of initialisations: name → ``fn(model, *, data=None, generator=None, **options)``.
-
-Every entry mutates ``model`` in place (under ``torch.no_grad()``) and returns a dict of what it did
-(a report; may be empty). ``data`` is a batch of training images on the model's device —
-standardised images as the network sees them — or, where a method needs more, a ``dict`` with
-``images`` (the standardised batch) and ``raw`` (the same batch as raw [0, 1] pixels). ``generator``
-is ``None``, an ``int`` seed or a ``torch.Generator`` on the model's device. Methods that need data
-raise a ``ValueError`` when ``data`` is missing.
+"""The two initialisations of the paper's comparison, ``kaiming`` (the baseline) and ``prewarm``;
+the related methods live in :mod:`prewarm_gpu.methods`. All of them register into
+:data:`prewarm_gpu.registry.INITIALIZERS` (the registry and its lookups are re-exported here).
 
 The harness compares any of them paired against ``kaiming`` (same seeds, same protocol).
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import warnings
-from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from .prewarm import prewarm_
+from .registry import (
+    INITIALIZERS,
+    accepted_options,
+    check_options,
+    get,
+    register,
+    split_data,
+)
 
 __all__ = ["INITIALIZERS", "register", "get", "accepted_options", "check_options", "kaiming",
            "prewarm"]
-
-Initializer = Callable[..., dict[str, Any]]
-INITIALIZERS: dict[str, Initializer] = {}
-
-
-def register(name: str, *, options_of: Callable | Iterable[Callable | str] | None = None,
-             fixed: tuple[str, ...] = ()) -> Callable[[Initializer], Initializer]:
-    """Decorator: add ``fn`` to :data:`INITIALIZERS` under ``name`` (warns on overwrite).
-
-    ``options_of``: the function(s) whose keywords ``fn`` forwards its ``**options`` to, and/or
-    option names, so that :func:`check_options` can validate options before any training;
-    ``fixed``: keywords that ``fn`` sets itself and a user may not pass.
-    """
-
-    def deco(fn: Initializer) -> Initializer:
-        if name in INITIALIZERS:
-            warnings.warn(f"initializer {name!r} is registered again; replacing it", stacklevel=2)
-        fn.options_of = options_of
-        fn.fixed_options = tuple(fixed)
-        INITIALIZERS[name] = fn
-        return fn
-
-    return deco
-
-
-_NOT_OPTIONS = {"model", "module", "images", "data", "generator", "raw_images"}
-
-
-def _keywords(fn: Callable) -> tuple[set[str], bool]:
-    """(keywords of ``fn`` that have defaults, whether it takes ``**kwargs``)."""
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params
-             if p.default is not p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def accepted_options(name: str) -> set[str] | None:
-    """The option keywords initialiser ``name`` accepts (its own and its ``options_of``'s, minus
-    the data, the generator and its fixed ones); ``None`` when it takes ``**options`` it does not
-    declare (they are then checked only when it runs)."""
-    fn = get(name)
-    names, open_ended = _keywords(fn)
-    declared = getattr(fn, "options_of", None)
-    if declared is not None:
-        for item in ([declared] if callable(declared) else declared):
-            names |= {item} if isinstance(item, str) else _keywords(item)[0]
-    elif open_ended:
-        return None
-    return names - _NOT_OPTIONS - set(getattr(fn, "fixed_options", ()))
-
-
-def check_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse option keys initialiser ``name`` does not accept (a ``ValueError`` naming the key,
-    the close matches and every accepted key): a typo is found before any run trains."""
-    accepted = accepted_options(name)
-    if accepted is None:
-        return
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, accepted, n=1) for k in unknown}
-        said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                         for k, h in hints.items())
-        raise ValueError(f"--init-option: {name} has no option {said}; it accepts: "
-                         f"{', '.join(sorted(accepted)) or 'none'}")
-
-
-def get(name: str) -> Initializer:
-    """The initialiser registered as ``name``; a ``KeyError`` lists the known names."""
-    try:
-        return INITIALIZERS[name]
-    except KeyError:
-        raise KeyError(f"unknown initializer {name!r}; known: {sorted(INITIALIZERS)}") from None
-
-
-def _images(data) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(standardised images, raw [0, 1] images) from ``data`` (a tensor or a dict)."""
-    if data is None:
-        return None, None
-    if isinstance(data, dict):
-        return data.get("images"), data.get("raw")
-    return data, None
 
 
 @register("kaiming", options_of=())
@@ -122,13 +39,9 @@ def kaiming(model: nn.Module, *, data=None, generator=None, **options) -> dict[s
 @register("prewarm", options_of=prewarm_)
 def prewarm(model: nn.Module, *, data=None, generator=None, **options) -> dict[str, Any]:
     """Pre-Warm (:func:`prewarm_gpu.prewarm_`) on ``data``; options are ``prewarm_``'s keywords."""
-    images, raw = _images(data)
+    images, raw = split_data(data)
     if images is None:
         raise ValueError("prewarm needs data: a batch of training images")
     options.setdefault("raw_images", raw)
     report = prewarm_(model, images, generator=generator, **options)
     return report.as_dict()
-
-
-# Related methods register themselves on import (prewarm_gpu/methods/).
-from . import methods  # noqa: E402,F401

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import numpy as np
 import torch
 
 from ._random import as_generator
-from .rules import _is_int, all_finite
+from .checks import all_finite, is_int, is_real
 
 __all__ = ["MiniBatchKMeans"]
 
@@ -213,7 +212,7 @@ def _step(T, c1, c_sq, x1, x1t, cand, p: _LoopParams, check=None):
         w = T[:, -1:]
         low = w < w.amax() * p.ratio
         if p.rank_limit:
-            low = low & (w.argsort(0, stable=True).argsort(0) < p.max_reassign)
+            low = low & (w.argsort(dim=0, stable=True).argsort(dim=0) < p.max_reassign)
         if check is not None:
             low = low & check
         floor = w.masked_fill(low, math.inf).amin()
@@ -358,18 +357,15 @@ class MiniBatchKMeans:
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
-        def is_real(v):
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
         for name in ("n_clusters", "n_init", "batch_size", "max_iter", "sync_every"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         v = self.init_size
-        if v is not None and (not _is_int(v) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"init_size must be None or a positive int, got {v!r}")
         v = self.max_no_improvement
-        if v is not None and (not _is_int(v) or v < 0):
+        if v is not None and (not is_int(v) or v < 0):
             raise ValueError(f"max_no_improvement must be None or an int >= 0, got {v!r}")
         v = self.tol
         if not is_real(v) or v < 0:

@@ -10,55 +10,27 @@ forward sets in train mode); the trainer then adds ``aux_weight · Σ CE(aux)`` 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SimpleCNN", "MODELS", "BASELINES", "register_model", "build_model", "fc_dim", "reinit_"]
+from .checks import as_pair
+from .registry import MODELS, get_model, register_model
 
-ModelFactory = Callable[..., nn.Module]
-MODELS: dict[str, ModelFactory] = {}
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: add a model factory to :data:`MODELS` under ``name`` (warns on overwrite).
-
-    Examples:
-        >>> @register_model("my-cnn")
-        ... class MyCNN(SimpleCNN): ...
-    """
-
-    def deco(factory: ModelFactory) -> ModelFactory:
-        if name in MODELS:
-            warnings.warn(f"model {name!r} is registered again; replacing it", stacklevel=2)
-        MODELS[name] = factory
-        return factory
-
-    return deco
+__all__ = ["SimpleCNN", "DSSimpleCNN", "aux_head", "conv_blocks", "MODELS", "BASELINES",
+           "register_model", "build_model", "fc_dim", "reinit_"]
 
 
 def build_model(name: str, *, in_channels: int, n_classes: int,
                 image_size: int | tuple[int, int]) -> nn.Module:
     """Build the architecture registered as ``name``; a ``KeyError`` lists the known names."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
-    return factory(in_channels=in_channels, n_classes=n_classes, image_size=_pair(image_size))
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+    return get_model(name)(in_channels=in_channels, n_classes=n_classes,
+                           image_size=as_pair(image_size, "image_size"))
 
 
 def fc_dim(image_size: int | tuple[int, int], channels: int = 64, n_pools: int = 2) -> int:
     """Flattened size after ``n_pools`` 2×2 max-pools (floor): 28² → 3136, 32² → 4096, 8² → 256."""
-    h, w = _pair(image_size)
+    h, w = as_pair(image_size, "image_size")
     for _ in range(n_pools):
         h, w = h // 2, w // 2
     return channels * h * w
@@ -85,7 +57,7 @@ class SimpleCNN(nn.Module):
     def __init__(self, in_channels: int = 1, n_classes: int = 10,
                  image_size: int | tuple[int, int] = 28) -> None:
         super().__init__()
-        h, w = _pair(image_size)
+        h, w = as_pair(image_size, "image_size")
         if in_channels < 1 or n_classes < 1:
             raise ValueError(f"in_channels and n_classes must be >= 1, got {in_channels}, "
                              f"{n_classes}")
@@ -103,12 +75,69 @@ class SimpleCNN(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The two conv blocks, flattened: (B, C_in, H, W) → (B, fc_dim)."""
-        x = self.pool(self.relu(self.bn1(self.conv1(x))))
-        x = self.pool(self.relu(self.bn2(self.conv2(x))))
-        return self.flatten(x)
+        return self.flatten(conv_blocks(self, x)[1])
+
+    def head(self, h2: Tensor) -> Tensor:
+        """The classifier on the second block's output: Flatten → FC → ReLU → FC."""
+        return self.fc2(self.relu(self.fc1(self.flatten(h2))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.relu(self.fc1(self.features(x))))
+        return self.head(conv_blocks(self, x)[1])
+
+
+def conv_blocks(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """SimpleCNN's two conv blocks, ``h1 = pool(relu(bn1(conv1(x))))`` and
+    ``h2 = pool(relu(bn2(conv2(h1))))``, on any module with those layers (:class:`SimpleCNN`,
+    :class:`DSSimpleCNN`, and the batched trainer's grouped stack of R SimpleCNNs)."""
+    h1 = m.pool(m.relu(m.bn1(m.conv1(x))))
+    return h1, m.pool(m.relu(m.bn2(m.conv2(h1))))
+
+
+def aux_head(in_channels: int, n_classes: int, hidden: int = 64) -> nn.Sequential:
+    """Auxiliary classifier: global average pool → Linear(→hidden) → ReLU → Linear(→n_classes)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(in_channels, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, n_classes),
+    )
+
+
+@register_model("ds-simplecnn")
+class DSSimpleCNN(SimpleCNN):
+    """Deeply-supervised SimpleCNN (LION-DG's network): an auxiliary head after each conv block
+    (32 and 64 channels).
+
+    ``forward(x)`` returns the main logits; in train mode it also sets ``self.aux_logits`` to the
+    heads' logits ``[aux1, aux2]`` (``[]`` in eval mode, where the heads are not run).
+
+    Args:
+        in_channels: C_in.
+        n_classes: outputs of the main classifier and of each head.
+        image_size: H (square) or (H, W).
+        aux_hidden: width of each head's hidden layer.
+
+    Examples:
+        >>> model = DSSimpleCNN(in_channels=1, n_classes=10, image_size=28)
+        >>> logits = model(torch.randn(4, 1, 28, 28)); len(model.aux_logits)
+        2
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10,
+                 image_size: int | tuple[int, int] = 28, aux_hidden: int = 64) -> None:
+        super().__init__(in_channels=in_channels, n_classes=n_classes, image_size=image_size)
+        self.aux_heads = nn.ModuleList([
+            aux_head(self.conv1.out_channels, n_classes, aux_hidden),
+            aux_head(self.conv2.out_channels, n_classes, aux_hidden),
+        ])
+        self.aux_logits: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h1, h2 = conv_blocks(self, x)
+        out = self.head(h2)  # before the heads, as ever: autograd sums h2's gradients in order
+        self.aux_logits = [self.aux_heads[0](h1), self.aux_heads[1](h2)] if self.training else []
+        return out
 
 
 # --- the baseline's weights ----------------------------------------------------------------------

@@ -27,7 +27,10 @@ from torch import nn
 
 from . import rules
 from ._random import as_generator
+from .checks import all_finite, as_pair, is_int, to_float
 from .kmeans import MiniBatchKMeans, no_autocast
+from .layers import conv_label, find_conv, refuse_lazy
+from .patches import extract_patches
 
 __all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "find_conv", "distance_weights",
            "extract_patches", "weight_and_normalise", "centre_crop"]
@@ -62,23 +65,10 @@ def distance_weights(patch_size: int | tuple[int, int], *, device=None, dtype=to
 
     For K = 3: 1 at the centre, 1/2 on the edges, 1/3 at the corners. Shape (K_h, K_w).
     """
-    kh, kw = rules._pair(patch_size)
+    kh, kw = as_pair(patch_size)
     i = torch.arange(kh, device=device, dtype=dtype) - kh // 2
     j = torch.arange(kw, device=device, dtype=dtype) - kw // 2
     return 1.0 / (1.0 + i.abs()[:, None] + j.abs()[None, :])
-
-
-def extract_patches(images: torch.Tensor, patch_size: int | tuple[int, int], n_patches: int, *,
-                    dilation: int | tuple[int, int] = 1,
-                    generator: int | torch.Generator | None = None) -> torch.Tensor:
-    """``n_patches`` random windows per image, flattened (C, K_h, K_w): (B·n_patches, C·K_h·K_w).
-
-    Positions are uniform over every valid top-left corner (as Listing 1's ``random.randint``),
-    drawn on the images' device; image-major order, as Listing 1. Not mean-centred.
-    """
-    kh, kw = rules._pair(patch_size, "patch_size")
-    g = as_generator(generator, images.device)
-    return rules.random_patches(images, kh, kw, n_patches, g, rules._pair(dilation, "dilation"))
 
 
 def weight_and_normalise(centroids: torch.Tensor, patch_size: int | tuple[int, int],
@@ -87,7 +77,7 @@ def weight_and_normalise(centroids: torch.Tensor, patch_size: int | tuple[int, i
 
     ``std`` is the population std (ddof 0) of the whole centroid matrix, as Listing 1's ``np.std``.
     """
-    kh, kw = rules._pair(patch_size)
+    kh, kw = as_pair(patch_size)
     w = distance_weights((kh, kw), device=centroids.device, dtype=centroids.dtype)
     c = centroids.reshape(-1, in_channels, kh, kw) * w
     c = c.reshape(centroids.shape)
@@ -101,53 +91,12 @@ def centre_crop(centroids: torch.Tensor, in_channels: int, patch_size: int | tup
     The window keeps the patch's centre pixel ``(P_h//2, P_w//2)`` at the kernel's centre
     ``(K_h//2, K_w//2)``, where step 4's weight is 1. Returns (k, C·K_h·K_w).
     """
-    (ph, pw), (kh, kw) = rules._pair(patch_size), rules._pair(kernel_size)
+    (ph, pw), (kh, kw) = as_pair(patch_size), as_pair(kernel_size)
     if (ph, pw) == (kh, kw):
         return centroids
     top, left = ph // 2 - kh // 2, pw // 2 - kw // 2
     c = centroids.reshape(-1, in_channels, ph, pw)[:, :, top : top + kh, left : left + kw]
     return c.reshape(c.shape[0], -1)
-
-
-def _label(name: str) -> str:
-    return f"conv {name!r}" if name else "the conv"
-
-
-def _refuse_lazy(conv: nn.Conv2d, name: str, searching: bool = False) -> None:
-    """A lazy conv before its first forward pass has no weight (nor, when ``searching`` for the
-    target by its in_channels, any in_channels to match)."""
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        why = ", so its in_channels are unknown" if searching else ""
-        raise ValueError(
-            f"{_label(name)} is a lazy conv whose weight is not initialised yet{why}; run one "
-            "forward pass before Pre-Warm" + (", or name the target with layer=" if searching
-                                               else "")
-        )
-
-
-def find_conv(model: nn.Module, in_channels: int | None, layer: str | None = None):
-    """(name, conv): the conv named ``layer``, else the first ``nn.Conv2d`` with ``in_channels``."""
-    if isinstance(model, nn.Conv2d) and layer is None:
-        return "", model
-    if layer is not None:
-        try:
-            conv = model.get_submodule(layer)
-        except AttributeError:
-            names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-            raise ValueError(f"model has no module named {layer!r}; its Conv2d layers: {names}") \
-                from None
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"layer {layer!r} is a {type(conv).__name__}, not an nn.Conv2d")
-        return layer, conv
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.in_channels == in_channels:
-            return name, m
-        if isinstance(m, nn.Conv2d):
-            _refuse_lazy(m, name, searching=True)
-    raise ValueError(
-        f"model has no nn.Conv2d with in_channels={in_channels} (the images' channels); "
-        "pass layer='name' to choose one"
-    )
 
 
 # --------------------------------------------------------------------------- validation
@@ -181,8 +130,8 @@ def _check_memory(n: int, d: int, device: torch.device) -> None:
 
 def _check_target(conv: nn.Conv2d, name: str) -> None:
     """The conv's weight must be a materialised, writable parameter of its own."""
-    _refuse_lazy(conv, name)
-    label = _label(name)
+    refuse_lazy(conv, name)
+    label = conv_label(name)
     if not isinstance(conv._parameters.get("weight"), nn.Parameter):
         raise ValueError(
             f"{label} computes its weight from other parameters (torch.nn.utils.parametrize, "
@@ -211,7 +160,7 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be floating point or uint8, got {images.dtype}")
     C = images.shape[1]
-    label = _label(name)
+    label = conv_label(name)
     if C != conv.in_channels:
         raise ValueError(f"images have {C} channels but {label} has in_channels={conv.in_channels}")
     if conv.weight.shape[1] != C:
@@ -224,8 +173,8 @@ def _check_images(images: torch.Tensor, conv: nn.Conv2d, name: str) -> torch.Ten
             f"model is on {conv.weight.device} but images are on {images.device}; "
             "move them to the same device"
         )
-    x = rules.to_float(images)
-    if not rules.all_finite(x):
+    x = to_float(images)
+    if not all_finite(x):
         raise ValueError("images contain NaN or Inf")
     return x
 
@@ -237,7 +186,7 @@ def _value_range(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
-    if not rules._is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -252,8 +201,9 @@ def _auto_n_patches(raw: torch.Tensor, value_range: tuple[float, float], n_filte
     ``value_range`` is raw's (min, max), already computed by the caller.
     """
     if raw.shape[1] == 1:
-        tau_t = rules._otsu([raw], 256, *value_range)
-        tau, d = torch.stack([tau_t, rules._density([raw], tau_t)]).tolist()  # one host read
+        tau_t = rules.otsu_threshold_on_device([raw], 256, *value_range)
+        d_t = rules.foreground_density_on_device([raw], tau_t)
+        tau, d = torch.stack([tau_t, d_t]).tolist()  # one host read
         if d == 0:
             raise ValueError(
                 f"foreground density d = 0 (no pixel above Otsu's τ* = {tau:.4f}); "
@@ -372,7 +322,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     B, C, H, W = x.shape
     F = conv.out_channels
     kernel = tuple(conv.kernel_size)
-    patch = kernel if patch_size is None else rules._pair(patch_size, "patch_size")
+    patch = kernel if patch_size is None else as_pair(patch_size, "patch_size")
     if patch[0] < kernel[0] or patch[1] < kernel[1]:
         raise ValueError(f"patch_size {patch} is smaller than the kernel {kernel}")
     dil = tuple(conv.dilation)
@@ -404,7 +354,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         if raw.ndim != 4 or raw.shape[1] != C or raw.numel() == 0:
             raise ValueError(f"raw_images must be a non-empty (N, {C}, H, W) tensor, got shape "
                              f"{tuple(raw.shape)}")
-        raw = rules.to_float(raw.to(x.device))
+        raw = to_float(raw.to(x.device))
         lo, hi = _value_range(raw)  # NaN and ±Inf reach the min or the max
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("raw_images contain NaN or Inf")

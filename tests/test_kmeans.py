@@ -125,6 +125,18 @@ def test_reassignment_decided_by_hand_one_step(fixed_run):
     torch.testing.assert_close(km.cluster_centers_, torch.tensor([[0.0], [0.0], [0.0]]))
 
 
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_reassignment_limited_to_half_a_batch_by_hand(fixed_run, loop):
+    # k = 4 > half a batch of 4: all four points go to centre 0 (count 4), centres 1-3 starve,
+    # but at most 2 move (scikit-learn keeps the heavier ones, argsort of the counts beyond
+    # batch/2): the two lightest by stable rank, centres 1 and 2, take batch rows 1 and 2;
+    # centre 3 stays. (This path raised a TypeError until it had a test: argsort(0, stable=).)
+    X = torch.tensor([[0.0], [0.1], [0.2], [0.3]])
+    c0 = torch.tensor([[0.0], [10.0], [20.0], [30.0]])
+    km = fixed_run(X, c0, torch.arange(4)[None], reassignment_ratio=0.5, loop=loop)
+    torch.testing.assert_close(km.cluster_centers_, torch.tensor([[0.15], [0.1], [0.2], [30.0]]))
+
+
 def test_inertia_never_rises_with_more_clusters_on_digits(digits_images):
     X = torch.nn.functional.unfold(digits_images, 3).transpose(1, 2).reshape(-1, 9)[::5]
     inertias = [MiniBatchKMeans(k, random_state=0).fit(X).inertia_ for k in (2, 8, 32)]

@@ -84,8 +84,8 @@ def test_tensor_api_with_torch_generator():
 @pytest.mark.parametrize(
     "model, kwargs, error, match",
     [
-        (nn.Sequential(nn.Linear(3, 3)), {}, ValueError, "no Conv2d"),
-        (_model(), {"layer": "1"}, ValueError, "not a Conv2d"),
+        (nn.Sequential(nn.Linear(3, 3)), {}, ValueError, "no nn.Conv2d"),
+        (_model(), {"layer": "1"}, TypeError, "not an nn.Conv2d"),
         (_model(), {"layer": "nope"}, ValueError, "no module named"),
         (_model(k=1), {}, ValueError, "zero-mean"),
         (_model(), {"sigma": (2.0, 1.0)}, ValueError, "low <= high"),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, prewarm_, rules
+from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, patches, prewarm_
 from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep
 from prewarm_gpu.experiment import run as engine
 
@@ -60,7 +60,7 @@ def test_no_temporary_is_larger_than_the_patch_matrix(monkeypatch):
     built whole. (The k-means loop's own buffer, 16 batches of float64 rows, does not grow with
     N; batch_size=16 keeps it below this tiny patch matrix.)"""
     monkeypatch.setattr(kmeans, "_CHUNK", 1 << 12)
-    monkeypatch.setattr(rules, "_GATHER_BLOCK", 1 << 12)
+    monkeypatch.setattr(patches, "GATHER_BLOCK", 1 << 12)
     conv = nn.Conv2d(3, 16, 4, stride=4)
     x = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     with _LargestTensor() as m:
@@ -119,9 +119,9 @@ def test_an_ambient_autocast_is_off_inside_and_changes_nothing(digits_images, mo
     are bit-identical. (On the CPU today's code computes in float64, which autocast leaves alone,
     so the first check is what holds the promise for code yet to come.)"""
     seen = []
-    real_patches, real_fit = rules.random_patches, MiniBatchKMeans._fit
+    real_patches, real_fit = patches.random_patches, MiniBatchKMeans._fit
 
-    def patches(*a, **k):
+    def spy_patches(*a, **k):
         seen.append(torch.is_autocast_enabled("cpu"))
         return real_patches(*a, **k)
 
@@ -129,7 +129,7 @@ def test_an_ambient_autocast_is_off_inside_and_changes_nothing(digits_images, mo
         seen.append(torch.is_autocast_enabled("cpu"))
         return real_fit(self, *a, **k)
 
-    monkeypatch.setattr(rules, "random_patches", patches)
+    monkeypatch.setattr(patches, "random_patches", spy_patches)
     monkeypatch.setattr(MiniBatchKMeans, "_fit", fit)
     x = digits_images[:128]
     plain, under = nn.Conv2d(1, 16, 3), nn.Conv2d(1, 16, 3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from prewarm_gpu import models
+from prewarm_gpu import registry
 from prewarm_gpu.models import MODELS, SimpleCNN, build_model, fc_dim, register_model
 
 
@@ -47,7 +47,7 @@ def test_forward_order_conv_bn_relu_pool():
 
 
 def test_registry_builds_warns_on_overwrite_and_names_known_models(monkeypatch):
-    monkeypatch.setattr(models, "MODELS", dict(MODELS))
+    monkeypatch.setattr(registry, "MODELS", dict(MODELS))
     assert isinstance(build_model("simplecnn", in_channels=1, n_classes=10, image_size=8),
                       SimpleCNN)
 
@@ -55,7 +55,7 @@ def test_registry_builds_warns_on_overwrite_and_names_known_models(monkeypatch):
     class Tiny(SimpleCNN):
         pass
 
-    assert models.MODELS["tiny-test"] is Tiny
+    assert registry.MODELS["tiny-test"] is Tiny
     with pytest.warns(UserWarning, match="registered again"):
         register_model("tiny-test")(Tiny)
     with pytest.raises(KeyError, match="known: .*simplecnn"):

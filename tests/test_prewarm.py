@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import reference
-from prewarm_gpu import conditioned_init, prewarm_, rules
+from prewarm_gpu import conditioned_init, patches, prewarm_, rules
 from prewarm_gpu.prewarm import distance_weights, weight_and_normalise
 
 
@@ -332,7 +332,7 @@ def test_same_positions_identical_patches():
     g = _gen(1)
     rows = torch.randint(0, 9 - 3 + 1, (5, 4), generator=g)
     cols = torch.randint(0, 11 - 3 + 1, (5, 4), generator=g)
-    ours = rules.gather_patches(x, rows, cols, 3, 3)
+    ours = patches.gather_patches(x, rows, cols, 3, 3)
     pos = [(b, int(rows[b, p]), int(cols[b, p])) for b in range(5) for p in range(4)]
     ref = reference.extract_patches(x, 3, 0, positions=pos)
     np.testing.assert_array_equal(ours.numpy(), ref)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reference
-from prewarm_gpu import rules
+from prewarm_gpu import checks, patches, rules
 
 
 def test_otsu_matches_reference_on_digits(digits_images):
@@ -104,15 +104,15 @@ def test_rules_on_cuda_match_cpu(digits_images):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_all_finite(dtype):
     big = torch.finfo(dtype).max
-    assert rules.all_finite(torch.rand(4, 5).to(dtype))
-    assert rules.all_finite(torch.full((8,), big, dtype=dtype))  # the sum overflows; values don't
+    assert checks.all_finite(torch.rand(4, 5).to(dtype))
+    assert checks.all_finite(torch.full((8,), big, dtype=dtype))  # the sum overflows; values don't
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.rand(4, 5).to(dtype)
         x[2, 3] = bad
-        assert not rules.all_finite(x), bad
+        assert not checks.all_finite(x), bad
     x = torch.full((8,), big, dtype=dtype)
     x[0], x[1] = float("inf"), -float("inf")  # inf + -inf: the sum is NaN either way
-    assert not rules.all_finite(x)
+    assert not checks.all_finite(x)
 
 
 @pytest.mark.parametrize("patch", [1, 2, 3, (3, 5), (7, 7)])
@@ -120,11 +120,11 @@ def test_window_norms_equal_explicit_patches(patch):
     # The every-position statistic without patches (window sums of Σx and Σx²) equals the norms
     # of the unfolded, mean-centred patches; below 1e-7 for constant patches (float64
     # cancellation leaves ~1e-8, not exactly 0).
-    kh, kw = rules._pair(patch)
+    kh, kw = checks.as_pair(patch)
     x = torch.rand(4, 3, 11, 13, generator=torch.Generator().manual_seed(0))
     x[0] = 0.37  # a constant image: every patch has norm 0
     cols = torch.nn.functional.unfold(x.double(), (kh, kw)).transpose(1, 2)
     want = torch.linalg.vector_norm(cols - cols.mean(-1, keepdim=True), dim=-1)
-    got = rules._window_norms(x, kh, kw).reshape(4, -1)
+    got = patches.window_norms(x, kh, kw).reshape(4, -1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
     assert float(got[0].max()) < 1e-7

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import initializers
+from .. import registry
 from ..data import ImageData, first_batch_indices
 from ..models import build_model, reinit_
 from .plan import RunSpec
@@ -68,5 +68,5 @@ def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]
     model = model.to(data.device)
     idx = first_batch_indices(data.train_x.shape[0], spec.train.batch_size, spec.seed, data.device)
     batch = {"images": data.standardise(data.train_x[idx]), "raw": data.raw(data.train_x[idx])}
-    return model, init_with_generator(initializers.get(spec.init), model, batch, spec.seed,
+    return model, init_with_generator(registry.get(spec.init), model, batch, spec.seed,
                                       dict(spec.options), data.device)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import is_real
 from ..stats import holm, paired_stats
 from ..train import TrainConfig
 from .jsonable import jsonable
@@ -100,8 +101,7 @@ def check_grid(config: GridConfig) -> None:
             raise ValueError(f"--{axis.replace('_', '-')} needs at least one value")
         if len(set(values)) != len(values):
             raise ValueError(f"--{axis.replace('_', '-')} has repeated values: {values}")
-        bad = [v for v in values if (isinstance(v, bool) or not isinstance(v, (int, float))
-                                     or not math.isfinite(v) or v <= 0)]
+        bad = [v for v in values if not is_real(v) or v <= 0]
         if bad:
             raise ValueError(f"--{axis.replace('_', '-')} values must be positive numbers, got "
                              f"{bad}")

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .. import initializers
+from .. import registry
 from ..checkpoint import parse_every
+from ..checks import is_int
 from ..data import DATASETS
 from ..models import BASELINES, MODELS, build_model
 from ..train import TrainConfig
@@ -134,7 +135,7 @@ class RunSpec:
 
 def arch_of(init: str) -> str:
     """The architecture an initialiser needs (its ``requires_model``), else SimpleCNN."""
-    return getattr(initializers.get(init), "requires_model", None) or DEFAULT_ARCH
+    return getattr(registry.get(init), "requires_model", None) or DEFAULT_ARCH
 
 
 def methods_of(config: SweepConfig) -> list[str]:
@@ -175,9 +176,9 @@ def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
     """Refuse a sweep that cannot run, before any training: unknown initialisers, options or
     models, bad seeds, a bad checkpoint interval or baseline."""
     for arm in arms:
-        initializers.get(arm.init)  # KeyError listing the known names
-        initializers.check_options(arm.init, dict(arm.options))
-    if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
+        registry.get(arm.init)  # KeyError listing the known names
+        registry.check_options(arm.init, dict(arm.options))
+    if not config.seeds or any(not is_int(s) or s < 0 for s in config.seeds):
         raise ValueError(f"seeds must be non-negative ints, got {config.seeds}")
     if len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct, got {config.seeds}")
@@ -198,8 +199,8 @@ def plan_runs(config: SweepConfig, arms: list[Arm] | None = None) -> list[RunSpe
     interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed), shared by
     every arm on that architecture. ``arms``: default :func:`arms_of` (``reproduce``)."""
     for init in config.inits:
-        initializers.get(init)  # KeyError listing the known names
-        initializers.check_options(init, config.init_options.get(init, {}))  # typos: now
+        registry.get(init)  # KeyError listing the known names
+        registry.check_options(init, config.init_options.get(init, {}))  # typos: now
     arms = arms_of(config) if arms is None else arms
     check_plan(config, arms)
     archs = list(dict.fromkeys(arch_of(a.init) for a in arms))

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..data import DATASETS, ImageData
+from ..layers import find_conv
 from .arms import build_arm
 from .plan import DEFAULT_ARCH, RunSpec, SweepConfig
 from .records import latest_by_key
@@ -59,13 +59,12 @@ def plot_filters(config: SweepConfig, specs: Sequence[RunSpec], data: ImageData)
     for s in mine:
         try:
             model, _ = build_arm(s, data)
+            _, conv = find_conv(model, data.train_x.shape[1])
         except Exception as e:  # noqa: BLE001 — a plot must not end the sweep
             warnings.warn(f"filter plot: {s.label}: {e}", stacklevel=2)
             continue
-        conv = getattr(model, "conv1", None)
-        if isinstance(conv, nn.Conv2d):
-            panels.append((s.init if s.arch == DEFAULT_ARCH else f"{s.init} ({s.arch})",
-                           _filter_grid(conv.weight)))
+        panels.append((s.init if s.arch == DEFAULT_ARCH else f"{s.init} ({s.arch})",
+                       _filter_grid(conv.weight)))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.4), squeeze=False)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from ..initializers import _images
+from ..registry import split_data
 
 AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -24,7 +24,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 def require_images(data, method: str, device: torch.device) -> torch.Tensor:
     """The standardised batch of ``data`` (a tensor or a dict) on ``device``, or a clear error."""
-    images, _ = _images(data)
+    images, _ = split_data(data)
     if images is None:
         raise ValueError(f"{method} needs data: a batch of training images (got data=None)")
     if not isinstance(images, torch.Tensor):

@@ -62,8 +62,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._random import as_generator
-from ..initializers import register
+from ..checks import is_int
 from ..kmeans import MiniBatchKMeans
+from ..registry import register
 from ._common import (
     AFFINE,
     first_call,
@@ -309,11 +310,11 @@ def datadep_(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 0:
+    if not is_int(max_rounds) or max_rounds < 0:
         raise ValueError(f"max_rounds must be a non-negative int, got {max_rounds!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+    if not is_int(max_samples) or max_samples < 2:
         raise ValueError(f"max_samples must be an int >= 2, got {max_samples!r}")
     layers = _select(model, _LAYERS, exclude)
     if not layers:

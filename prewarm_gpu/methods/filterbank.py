@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..initializers import register
+from ..checks import is_int
 from ..kmeans import MiniBatchKMeans
+from ..registry import register
 
 __all__ = ["build_bank", "build_bank_from_runs", "save_bank", "load_bank", "filterbank_",
            "conv_kernels", "filterbank", "VARIANTS"]
@@ -120,7 +121,7 @@ def build_bank(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+    if not is_int(n_clusters) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
     dicts = [_load_state_dict(s) for s in sources]
     if not dicts:

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..initializers import register
-from ._common import check_names
+from ..layers import find_conv
+from ..registry import register
 
 __all__ = ["gabor_", "gabor_kernels", "gabor"]
 
@@ -123,19 +123,6 @@ def gabor_(
     return weight
 
 
-def _first_conv(model: nn.Module, layer: str | None) -> tuple[str, nn.Conv2d]:
-    if layer is not None:
-        check_names(model, [layer], "gabor layer")
-        m = model.get_submodule(layer)
-        if not isinstance(m, nn.Conv2d):
-            raise ValueError(f"gabor: layer {layer!r} is a {type(m).__name__}, not a Conv2d")
-        return layer, m
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            return name, m
-    raise ValueError(f"gabor: {type(model).__name__} has no Conv2d layer")
-
-
 @register("gabor", options_of=RANGES)
 def gabor(model: nn.Module, *, data=None, generator=None, layer: str | None = None,
           **ranges) -> dict[str, Any]:
@@ -146,7 +133,7 @@ def gabor(model: nn.Module, *, data=None, generator=None, layer: str | None = No
     unknown = sorted(set(ranges) - set(RANGES))
     if unknown:
         raise TypeError(f"gabor got unknown options {unknown}; known: layer, {sorted(RANGES)}")
-    name, conv = _first_conv(model, layer)
+    name, conv = find_conv(model, None, layer)
     g = as_generator(generator, conv.weight.device)
     gabor_(conv.weight, generator=g, **ranges)
     return {"layer": name, "std": float(conv.weight.detach().double().std(unbiased=False))}

@@ -26,67 +26,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .._random import as_generator
-from ..initializers import register
-from ..models import SimpleCNN, register_model
+from ..models import DSSimpleCNN, aux_head
+from ..registry import register
 from ._common import AFFINE, check_names, model_device, require_images, rollback
 from .lsuv import lsuv_
 
 __all__ = ["DSSimpleCNN", "aux_head", "head_last_layers", "zero_aux_heads_", "lion_dg_",
            "lion_dg", "lsuv_lion_dg"]
 
-MODEL_NAME = "ds-simplecnn"
-
-
-def aux_head(in_channels: int, n_classes: int, hidden: int = 64) -> nn.Sequential:
-    """Auxiliary classifier: global average pool → Linear(→hidden) → ReLU → Linear(→n_classes)."""
-    return nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(in_channels, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, n_classes),
-    )
-
-
-@register_model(MODEL_NAME)
-class DSSimpleCNN(SimpleCNN):
-    """Deeply-supervised SimpleCNN: an auxiliary head after each conv block (32 and 64 channels).
-
-    ``forward(x)`` returns the main logits; in train mode it also sets ``self.aux_logits`` to the
-    heads' logits ``[aux1, aux2]`` (``[]`` in eval mode, where the heads are not run).
-
-    Args:
-        in_channels: C_in.
-        n_classes: outputs of the main classifier and of each head.
-        image_size: H (square) or (H, W).
-        aux_hidden: width of each head's hidden layer.
-
-    Examples:
-        >>> model = DSSimpleCNN(in_channels=1, n_classes=10, image_size=28)
-        >>> logits = model(torch.randn(4, 1, 28, 28)); len(model.aux_logits)
-        2
-    """
-
-    def __init__(self, in_channels: int = 1, n_classes: int = 10,
-                 image_size: int | tuple[int, int] = 28, aux_hidden: int = 64) -> None:
-        super().__init__(in_channels=in_channels, n_classes=n_classes, image_size=image_size)
-        self.aux_heads = nn.ModuleList([
-            aux_head(self.conv1.out_channels, n_classes, aux_hidden),
-            aux_head(self.conv2.out_channels, n_classes, aux_hidden),
-        ])
-        self.aux_logits: list[Tensor] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        h1 = self.pool(self.relu(self.bn1(self.conv1(x))))
-        h2 = self.pool(self.relu(self.bn2(self.conv2(h1))))
-        out = self.fc2(self.relu(self.fc1(self.flatten(h2))))
-        self.aux_logits = []
-        if self.training:
-            self.aux_logits = [self.aux_heads[0](h1), self.aux_heads[1](h2)]
-        return out
+MODEL_NAME = "ds-simplecnn"  # DSSimpleCNN, registered in prewarm_gpu.models
 
 
 def _heads(model: nn.Module, heads: Iterable[str] | None) -> list[tuple[str, nn.Module]]:

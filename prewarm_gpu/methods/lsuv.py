@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..initializers import register
+from ..checks import is_int, is_real
+from ..registry import register
 from ._common import (
     AFFINE,
     first_call,
@@ -102,9 +103,9 @@ def lsuv_(
         >>> report["order"]
         ['conv1', 'conv2', 'fc1', 'fc2']
     """
-    if not (isinstance(tol, (int, float)) and tol > 0):
+    if not (is_real(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+    if not is_int(max_iter) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
     layers = _select(model, AFFINE, exclude)
     if not layers:
