@@ -5,7 +5,9 @@
 mean-centred patches of one batch, on the images' device.
 """
 
-from . import rules
+__version__ = "0.1.0"
+
+from . import rules  # noqa: E402
 from .kmeans import MiniBatchKMeans
 from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
@@ -14,4 +16,3 @@ from .prewarm import PrewarmReport, conditioned_init, prewarm_
 from . import initializers, methods, models  # noqa: E402,F401  isort: skip
 
 __all__ = ["MiniBatchKMeans", "PrewarmReport", "conditioned_init", "prewarm_", "rules"]
-__version__ = "0.1.0"

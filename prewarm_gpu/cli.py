@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs/all for --dataset all)")
     r.add_argument("--save-models", action="store_true",
                    help="save trained state dicts to <out>/models/<dataset>-<init>-<seed>.pt")
+    r.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="with stacked training, at most N runs train together (default: all of "
+                   "a dataset; with --executor ray, few enough that every worker gets a group)")
     _sweep_arguments(r)
 
     g = sub.add_parser("grid", help="the paper's hyperparameter grid (§4.3) against Kaiming",
@@ -196,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=500, help="training steps (500)")
     g.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="with stacked training, at most N runs train together (default on a "
-                   "GPU: all; on a CPU with --batch: one seed's runs)")
+                   "GPU: all; on a CPU with --batch: one seed's runs; with --executor ray, few "
+                   "enough that every worker gets a group)")
     g.add_argument("--out", type=Path, help="output folder (default: runs/grid-<dataset>)")
     _sweep_arguments(g)
     g.add_argument("--batch", dest="batch", action="store_true",
@@ -272,6 +276,7 @@ def _sweep_config(args: argparse.Namespace):
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
         report_only=args.report_only, executor=args.executor, ray_address=args.ray_address,
+        group_size=args.group_size,
     )
 
 
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     from .experiment import ResultsWriteError
-    from .experiment.ray_executor import WorkersLostError
+    from .experiment.run import WorkersLost
 
     try:
         try:
@@ -460,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e)
     except ResultsWriteError as e:
         return _error(e, 4)
-    except WorkersLostError as e:
-        return _error(f"{e}; every finished run is kept in {args.out}", 5)
+    except WorkersLost as e:
+        return _error(e, 5)
     except KeyboardInterrupt as e:
         from .experiment import SweepInterrupted
 

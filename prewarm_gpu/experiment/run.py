@@ -252,6 +252,11 @@ def _check_writable(out: Path, min_free: int = 64 * 2**20) -> None:
                                 "trained")
 
 
+class WorkersLost(RuntimeError):
+    """Every worker of a distributed executor died for good with runs left to do; ``str()`` says
+    what was kept (exit 5)."""
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C or a kill during a sweep; ``str()`` says exactly what was kept and what was lost."""
 
@@ -370,6 +375,10 @@ class LocalExecutor:
     def __init__(self, log: Callable[[str], None]):
         self.log, self.data = log, None
 
+    def group_size(self, config: SweepConfig, n_runs: int) -> int | None:
+        """The most runs trained together: ``--group-size`` (None: all of an architecture)."""
+        return config.group_size
+
     def load(self, config: SweepConfig, ds: str) -> ImageData:
         if self.data is None or self.data.spec.name != ds:
             self.data = None  # free the previous dataset first
@@ -422,13 +431,15 @@ def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
     if config.resume:
         log(f"resume: {len(specs) - len(todo)} of {len(specs)} runs already in {path}; "
             f"running the other {len(todo)}")
-    bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
     state: dict[str, Any] = {"written": 0, "in_flight": [], "checkpoints": []}
-    executor = make_executor(config, log) if todo else LocalExecutor(log)
+    executor, bar = LocalExecutor(log), None
     try:
+        if todo:
+            executor = make_executor(config, log)
+        bar = _progress_bar(sum(s.train.steps for s in todo), config.progress and bool(todo))
         for ds in config.datasets:
             mine = [s for s in todo if s.dataset == ds]
-            groups = _groups(mine, config.batch, config.group_size)
+            groups = _groups(mine, config.batch, executor.group_size(config, len(mine)))
             for group, recs in executor.map(config, ds, groups, state, bar) if mine else ():
                 for spec, rec in zip(group, recs, strict=True):
                     rec["env"] = rec.get("env") or env
@@ -454,6 +465,9 @@ def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
         executor.close()
         outputs.write(config, specs, records, env)
         raise SweepInterrupted(_interrupted(config, specs, records, state)) from e
+    except WorkersLost as e:
+        outputs.write(config, specs, records, env)
+        raise type(e)(f"{e}. {_interrupted(config, specs, records, state)}") from None
     finally:
         executor.close()
         if bar is not None:
@@ -467,7 +481,9 @@ def _execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, log,
 def _interrupted(config: SweepConfig, specs: Sequence[RunSpec], records, state) -> str:
     """What an interruption kept and lost, exactly."""
     latest = latest_by_key(records)
-    kept = sum(1 for s in specs if s.key in latest)
+    kept = sum(1 for s in specs if _done(latest.get(s.key), config.retry_failed))
+    state["in_flight"] = [s for s in state["in_flight"]
+                          if not _done(latest.get(s.key), config.retry_failed)]
     path = config.out / RESULTS
     parts = [f"{kept} of {len(specs)} runs are finished and kept in {path} "
              f"({state['written']} written by this command)."]
