@@ -23,7 +23,7 @@ from torch import nn
 
 import reference
 from prewarm_gpu import MiniBatchKMeans, prewarm_
-from prewarm_gpu.prewarm import extract_patches
+from prewarm_gpu.patches import extract_patches
 
 CASES = {"gray": (1, 58), "color": (3, 28)}  # channels, patches per image (Table 1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "is_real", "as_pair", "to_float", "all_finite"]
+__all__ = ["is_int", "is_real", "check_int", "as_pair", "to_float", "all_finite"]
 
 
 def is_int(v) -> bool:
@@ -23,6 +23,21 @@ def is_int(v) -> bool:
 def is_real(v) -> bool:
     """A finite Python or numpy real number (integers included), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi=None``: no upper bound).
+
+    Raises:
+        TypeError: ``value`` is not an int (:func:`is_int`); the message names ``name``.
+        ValueError: it is out of range.
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return int(value)
 
 
 def as_pair(k, name: str = "kernel/patch size") -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The two initialisations of the paper's comparison, ``kaiming`` (the baseline) and ``prewarm``;
 the related methods live in :mod:`prewarm_gpu.methods`. All of them register into
-:data:`prewarm_gpu.registry.INITIALIZERS` (the registry and its lookups are re-exported here).
+:data:`prewarm_gpu.registry.INITIALIZERS`; the registry's initialiser lookups (``get``,
+``check_options``, …) are re-exported here.
 
 The harness compares any of them paired against ``kaiming`` (same seeds, same protocol).
 """

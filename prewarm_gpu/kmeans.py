@@ -356,7 +356,9 @@ class MiniBatchKMeans:
         self.sync_every = sync_every
 
     # ------------------------------------------------------------------ validation
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
+        """Refuse bad constructor arguments (a ``ValueError`` naming the parameter); :meth:`fit`
+        calls it, and so does a caller that validates before doing other work."""
         for name in ("n_clusters", "n_init", "batch_size", "max_iter", "sync_every"):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
@@ -407,17 +409,18 @@ class MiniBatchKMeans:
     # ------------------------------------------------------------------ fit
     def fit(self, X) -> MiniBatchKMeans:
         """Cluster the rows of X (n, d) on X's device; returns ``self``."""
-        self._check_params()
+        self.check_params()
         X = self._check_X(X)
         if X.shape[0] < self.n_clusters:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}.")
         if X.shape[1] < 1:
             raise ValueError(f"X has {X.shape[1]} features; at least 1 is required")
         with no_autocast():
-            return self._fit(X, self._check_init(X))
+            return self.fit_valid(X, self._check_init(X))
 
-    def _fit(self, X: torch.Tensor, init: torch.Tensor | None = None) -> MiniBatchKMeans:
-        """:meth:`fit` on valid input: finite, contiguous float32/float64 X with n ≥ k rows."""
+    def fit_valid(self, X: torch.Tensor, init: torch.Tensor | None = None) -> MiniBatchKMeans:
+        """:meth:`fit` without its checks, for a caller that has made X valid: finite, contiguous
+        float32/float64 X with n ≥ k rows, valid parameters (:meth:`check_params`), autocast off."""
         n, d = X.shape
         k = int(self.n_clusters)
         dev = X.device
@@ -451,14 +454,15 @@ class MiniBatchKMeans:
         self.cluster_centers_ = centres.to(X.dtype)
         self.n_steps_ = n_steps
         self.n_iter_ = int(math.ceil(n_steps * batch / n))
-        self.labels_, self._inertia = _labels_inertia(X, self.cluster_centers_)
+        self.labels_, self.inertia_tensor_ = _labels_inertia(X, self.cluster_centers_)
         self._init_inertia = cand_inertia.min()
         return self
 
     @property
     def inertia_(self) -> float:
-        """Σ ‖x - c_label‖² over the fitted X (float64)."""
-        return float(self._inertia)
+        """Σ ‖x - c_label‖² over the fitted X (float64); ``inertia_tensor_`` is the same value as
+        a 0-d tensor on X's device (reading it here is a host sync)."""
+        return float(self.inertia_tensor_)
 
     @property
     def init_inertia_(self) -> float:

@@ -1,7 +1,8 @@
-"""The paper's network (§3.1) and a registry of architectures the harness can build.
+"""The paper's network (§3.1), its deeply supervised variant, and the baselines' weights.
 
 `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
-(2026). Every factory in :data:`MODELS` is called as
+(2026). Architectures register into :data:`prewarm_gpu.registry.MODELS` (re-exported here);
+every factory is called as
 ``factory(in_channels=C, n_classes=K, image_size=(H, W))`` and returns an ``nn.Module`` whose first
 convolution is reachable as ``conv1``. A model may expose ``aux_logits`` (a list of tensors its
 forward sets in train mode); the trainer then adds ``aux_weight · Σ CE(aux)`` to the loss.
@@ -72,10 +73,6 @@ class SimpleCNN(nn.Module):
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(fc_dim((h, w)), 256)
         self.fc2 = nn.Linear(256, n_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        """The two conv blocks, flattened: (B, C_in, H, W) → (B, fc_dim)."""
-        return self.flatten(conv_blocks(self, x)[1])
 
     def head(self, h2: Tensor) -> Tensor:
         """The classifier on the second block's output: Flatten → FC → ReLU → FC."""

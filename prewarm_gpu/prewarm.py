@@ -15,7 +15,6 @@ and the result is written into filters ``[0, n_clusters)`` of the target conv.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import time
 import warnings
@@ -27,13 +26,13 @@ from torch import nn
 
 from . import rules
 from ._random import as_generator
-from .checks import all_finite, as_pair, is_int, to_float
+from .checks import all_finite, as_pair, check_int, is_real, to_float
 from .kmeans import MiniBatchKMeans, no_autocast
 from .layers import conv_label, find_conv, refuse_lazy
 from .patches import extract_patches
 
-__all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "find_conv", "distance_weights",
-           "extract_patches", "weight_and_normalise", "centre_crop"]
+__all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "distance_weights",
+           "weight_and_normalise", "centre_crop"]
 
 
 @dataclass
@@ -185,15 +184,6 @@ def _value_range(x: torch.Tensor) -> tuple[float, float]:
     return lo, hi
 
 
-def _int_option(name: str, value, lo: int, hi: int | None = None) -> int:
-    if not is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {rng}, got {value}")
-    return int(value)
-
-
 def _auto_n_patches(raw: torch.Tensor, value_range: tuple[float, float], n_filters: int,
                     patch: tuple[int, int]):
     """(n_patches, rule, statistic, τ*) by eq. 5 (one channel) or eq. 6 (several).
@@ -300,7 +290,7 @@ def _kmeans(k: int, options: dict[str, Any] | None, g: torch.Generator) -> MiniB
         km = MiniBatchKMeans(k, random_state=g, **{"n_init": 3, **options})
     except TypeError as e:
         raise TypeError(f"kmeans_options: {e}") from None
-    km._check_params()
+    km.check_params()
     return km
 
 
@@ -332,7 +322,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     if C * patch[0] * patch[1] == 1:
         raise ValueError("a 1×1 patch of one channel is 0 after mean-centring, so Pre-Warm's "
                          "centroids would all be 0; it needs C·K_h·K_w > 1")
-    k = F // 2 if n_clusters is None else _int_option(
+    k = F // 2 if n_clusters is None else check_int(
         "n_clusters", n_clusters, 1, None if listing1 else F)
     if k < 1:
         raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
@@ -370,7 +360,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     elif isinstance(n_patches, str):
         raise ValueError(f"n_patches must be an int or 'auto', got {n_patches!r}")
     else:
-        P = _int_option("n_patches", n_patches, 1)
+        P = check_int("n_patches", n_patches, 1)
     if B * P < k:
         raise ValueError(
             f"{B} images × {P} patches = {B * P} patches, fewer than n_clusters={k}"
@@ -383,12 +373,10 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     _check_memory(B * P, C * patch[0] * patch[1], x.device)
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    elif is_real(scale) and scale > 0:
         sigma, scale_rule = float(scale), "given"
     else:
-        raise ValueError(f"scale must be a number or 'auto', got {scale!r}")
+        raise ValueError(f"scale must be a finite number > 0 or 'auto', got {scale!r}")
 
     centroids = _cluster(km, x, patch, dil, P)
     centroids = centre_crop(centroids, C, patch, kernel)
@@ -402,7 +390,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
     x_max, c_max, norm, want, got, inertia, n_copies = torch.stack([
         x.abs().amax().to(torch.float64), centroids.abs().amax().to(torch.float64),
         normalised.std(unbiased=False), filters64.std(unbiased=False),
-        filters.to(torch.float64).std(unbiased=False), km._inertia,
+        filters.to(torch.float64).std(unbiased=False), km.inertia_tensor_,
         copies.to(torch.float64)]).tolist()
     if not (math.isfinite(c_max) and math.isfinite(inertia)):
         raise ValueError(f"k-means overflowed: images of magnitude up to {x_max:.3g} have squared "
@@ -433,7 +421,7 @@ def _cluster(km: MiniBatchKMeans, x, patch, dil, n_patches):
     """Steps 1-3: extract, mean-centre, cluster with ``km``. Returns centroids (k, C·K_h·K_w)."""
     p = extract_patches(x, patch, n_patches, dilation=dil, generator=km.random_state)
     p -= p.mean(1, keepdim=True)  # in place: the patch matrix is the largest tensor of a call
-    return km._fit(p).cluster_centers_  # p is valid: skip fit's checks
+    return km.fit_valid(p).cluster_centers_  # p is valid: skip fit's checks
 
 
 def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: int = 16,

@@ -181,7 +181,7 @@ def test_fixed_run_matches_sklearn_centres(fixed_run, d):
 
 
 def _digits_patches(digits_images, n_patches=8, seed=0):
-    from prewarm_gpu.prewarm import extract_patches
+    from prewarm_gpu.patches import extract_patches
 
     p = extract_patches(digits_images, 3, n_patches, generator=seed)
     return p - p.mean(1, keepdim=True)

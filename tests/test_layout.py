@@ -66,6 +66,20 @@ def test_as_pair():
         checks.as_pair(0)
 
 
+def test_numpy_integers_are_integers_everywhere():
+    from prewarm_gpu import rules
+    from prewarm_gpu.experiment import SweepConfig, plan_runs
+    from prewarm_gpu.methods.filterbank import build_bank
+
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert rules.otsu_threshold(x, np.int64(64)) == rules.otsu_threshold(x, 64)
+    assert len(plan_runs(SweepConfig(seeds=[np.int64(1), np.int32(2)], steps=5))) == 4
+    state = SimpleCNN(1, 10, 8).state_dict()
+    a = build_bank([state, state], n_clusters=np.int64(3), generator=0)
+    b = build_bank([state, state], n_clusters=3, generator=0)
+    assert torch.equal(a["layers"]["conv1"]["centres"], b["layers"]["conv1"]["centres"])
+
+
 def test_methods_take_numpy_integers_like_python_ones():
     from prewarm_gpu.methods.datadep import datadep_
     from prewarm_gpu.methods.lsuv import lsuv_
@@ -93,7 +107,16 @@ def test_one_conv_finder():
         find_conv(nn.Sequential(nn.LazyConv2d(4, 3)))
 
 
-def test_simplecnn_forward_is_shared_by_its_variants():
+def test_simplecnn_forward_is_shared_by_its_variants(monkeypatch):
+    from prewarm_gpu import batched, models
+
+    calls = []
+
+    def counted(m, x):
+        calls.append(type(m).__name__)
+        return models.conv_blocks.__wrapped__(m, x)
+
+    counted.__wrapped__ = models.conv_blocks
     torch.manual_seed(0)
     x = torch.randn(5, 1, 8, 8)
     plain, deep = SimpleCNN(1, 10, 8).eval(), DSSimpleCNN(1, 10, 8).eval()
@@ -101,3 +124,7 @@ def test_simplecnn_forward_is_shared_by_its_variants():
     torch.testing.assert_close(deep(x), plain(x), rtol=0, atol=0)
     stacked = GroupedSimpleCNN([plain, plain]).eval()
     torch.testing.assert_close(stacked(torch.cat([x, x], 1))[1], plain(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(models, "conv_blocks", counted)  # the one definition, seen by all three
+    monkeypatch.setattr(batched, "conv_blocks", counted)
+    plain(x), deep(x), stacked(torch.cat([x, x], 1))
+    assert calls == ["SimpleCNN", "DSSimpleCNN", "GroupedSimpleCNN"]

@@ -119,7 +119,7 @@ def test_an_ambient_autocast_is_off_inside_and_changes_nothing(digits_images, mo
     are bit-identical. (On the CPU today's code computes in float64, which autocast leaves alone,
     so the first check is what holds the promise for code yet to come.)"""
     seen = []
-    real_patches, real_fit = patches.random_patches, MiniBatchKMeans._fit
+    real_patches, real_fit = patches.random_patches, MiniBatchKMeans.fit_valid
 
     def spy_patches(*a, **k):
         seen.append(torch.is_autocast_enabled("cpu"))
@@ -130,7 +130,7 @@ def test_an_ambient_autocast_is_off_inside_and_changes_nothing(digits_images, mo
         return real_fit(self, *a, **k)
 
     monkeypatch.setattr(patches, "random_patches", spy_patches)
-    monkeypatch.setattr(MiniBatchKMeans, "_fit", fit)
+    monkeypatch.setattr(MiniBatchKMeans, "fit_valid", fit)
     x = digits_images[:128]
     plain, under = nn.Conv2d(1, 16, 3), nn.Conv2d(1, 16, 3)
     under.load_state_dict(plain.state_dict())

@@ -5,10 +5,13 @@ Where each job lives — open the file named for what you are looking for:
 
 - :mod:`.plan`: the configuration, arms and runs (:class:`SweepConfig`, :class:`RunSpec`).
 - :mod:`.arms`: one arm built — the seed's base weights, then the initialiser with its generator.
-- :mod:`.run`: the engine — groups of runs trained stacked, checkpoints, the lock, interruption.
+- :mod:`.run`: the engine — groups of runs trained stacked, checkpoints, the lock, interruption;
+  the local executor (:class:`~.run.LocalExecutor`, :func:`~.run.run_group`, the unit of work).
+- :mod:`.ray_executor`: the same groups on a Ray cluster (``--executor ray``; optional extra).
 - :mod:`.records`: the output folder's files — ``results.jsonl``, model files, atomic writes.
 - :mod:`.report`: Table 3's paired statistics and Table 1's data statistics.
 - :mod:`.plots`: filters, curves and grid heat maps (``--plot``).
+- :mod:`.jsonable`: tensors, numpy values and paths made JSON-safe for the records.
 - :mod:`.reproduce`: ``prewarm-gpu reproduce``. :mod:`.grid`: ``prewarm-gpu grid``.
 """
 from __future__ import annotations

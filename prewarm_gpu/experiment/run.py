@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpointer, parse_every
+from ..checks import is_int
 from ..data import ImageData, canonical_name, load_dataset, locate
 from ..train import TrainResult, train
 from .arms import build_arm
@@ -316,7 +317,8 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
 
     Returns the normalised config and its runs (``plan(config)``)."""
     config = replace(config, datasets=[canonical_name(d) for d in config.datasets],
-                     out=Path(config.out))
+                     out=Path(config.out),  # numpy ints as plain ints (the records are JSON)
+                     seeds=[int(s) if is_int(s) else s for s in config.seeds])
     if config.group_size is not None and config.group_size < 1:
         raise ValueError(f"group_size must be >= 1 or None, got {config.group_size}")
     if config.executor not in ("local", "ray"):

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._random import as_generator
-from ..checks import is_int
+from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
 from ..registry import register
 from ._common import (
@@ -310,12 +310,10 @@ def datadep_(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not is_int(max_rounds) or max_rounds < 0:
-        raise ValueError(f"max_rounds must be a non-negative int, got {max_rounds!r}")
+    check_int("max_rounds", max_rounds, 0)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not is_int(max_samples) or max_samples < 2:
-        raise ValueError(f"max_samples must be an int >= 2, got {max_samples!r}")
+    check_int("max_samples", max_samples, 2)
     layers = _select(model, _LAYERS, exclude)
     if not layers:
         raise ValueError(

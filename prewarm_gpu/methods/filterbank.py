@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..checks import is_int
+from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
 from ..registry import register
 
@@ -121,8 +121,7 @@ def build_bank(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not is_int(n_clusters) or n_clusters < 1:
-        raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    check_int("n_clusters", n_clusters, 1)
     dicts = [_load_state_dict(s) for s in sources]
     if not dicts:
         raise ValueError("build_bank needs at least one trained model's state dict")

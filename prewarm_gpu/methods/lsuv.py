@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..checks import is_int, is_real
+from ..checks import check_int, is_real
 from ..registry import register
 from ._common import (
     AFFINE,
@@ -105,8 +105,7 @@ def lsuv_(
     """
     if not (is_real(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    if not is_int(max_iter) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    check_int("max_iter", max_iter, 0)
     layers = _select(model, AFFINE, exclude)
     if not layers:
         raise ValueError(
