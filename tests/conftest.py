@@ -24,6 +24,18 @@ def digits_images() -> torch.Tensor:
     return torch.from_numpy((d.images / 16.0).astype(np.float32)).unsqueeze(1)
 
 
+def interrupt_after(n: int):
+    """An ``after_run`` hook that raises KeyboardInterrupt once ``n`` runs are recorded (as a
+    Ctrl-C between two runs would); its ``seen`` lists the records."""
+    def hook(rec):
+        hook.seen.append(rec)
+        if len(hook.seen) == n:
+            raise KeyboardInterrupt
+
+    hook.seen = []
+    return hook
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on two shared cores, oversubscribed OpenMP threads crawl."""

@@ -22,6 +22,7 @@ from prewarm_gpu.experiment.grid import (
     prepare_grid,
     run_grid,
 )
+from tests.conftest import interrupt_after
 
 
 @pytest.fixture(autouse=True)
@@ -123,15 +124,8 @@ def test_a_small_grid_recomputed_from_its_results_file(tmp_path):
 def test_an_interrupted_grid_resumes_to_the_same_table(tmp_path):
     ref = run_grid(small(tmp_path / "ref", seeds=[1, 2])).table
     out = tmp_path / "cut"
-    seen = []
-
-    def stop_after_three(rec):
-        seen.append(rec)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(engine.SweepInterrupted, match="3 of 6 runs are finished"):
-        run_grid(small(out, seeds=[1, 2]), after_run=stop_after_three)
+        run_grid(small(out, seeds=[1, 2]), after_run=interrupt_after(3))
     ran = []
     resumed = run_grid(small(out, seeds=[1, 2], resume=True), after_run=ran.append).table
     assert len(ran) == 3 and {r["seed"] for r in ran} == {2}

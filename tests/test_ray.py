@@ -25,6 +25,7 @@ from prewarm_gpu.experiment import (  # noqa: E402
 )
 from prewarm_gpu.experiment.grid import GridConfig, run_grid  # noqa: E402
 from prewarm_gpu.experiment.run import SweepInterrupted  # noqa: E402
+from tests.conftest import interrupt_after  # noqa: E402
 from tests.test_data import write_mnist  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -119,15 +120,8 @@ def test_workers_killed_in_the_middle_of_a_group_are_restarted_and_the_table_is_
 
 def test_an_interrupted_driver_resumes_only_what_is_missing(tmp_path, local_table):
     out = tmp_path / "cut"
-    seen = []
-
-    def stop(rec):
-        seen.append(rec)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(SweepInterrupted, match="2 of 6 runs are finished") as e:
-        run_grid(small(out, executor="ray"), after_run=stop)
+        run_grid(small(out, executor="ray"), after_run=interrupt_after(2))
     assert "In flight on Ray workers: 1 run(s)" in str(e.value)  # the other worker's group
     assert "Not started: 3 run(s)." in str(e.value)
     ran = []
