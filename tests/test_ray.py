@@ -5,6 +5,7 @@ SIGINT to the command), refusals before any training. Skipped without Ray (the `
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,18 +57,35 @@ def cells(out):
     return json.loads((out / "grid.json").read_text())["cells"]
 
 
-def worker_pids(busy: bool = True) -> list[int]:
-    """This machine's worker processes (Ray titles them): inside a group (``ray::_Worker.run``),
-    or any (``ray::_Worker``)."""
-    title = b"ray::_Worker.run" if busy else b"ray::_Worker"
-    pids = []
-    for proc in Path("/proc").iterdir():
+def busy(pids) -> list[int]:
+    """Those of ``pids`` inside a group right now (Ray titles the process ``ray::_Worker.run``)."""
+    out = []
+    for pid in pids:
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(title):
-                pids.append(int(proc.name))
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_Worker.run"):
+                out.append(pid)
         except OSError:
             pass
-    return pids
+    return out
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (not gone, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def executors(monkeypatch):
+    """The RayExecutors this test makes (their ``worker_pids``: only this test's workers are
+    ever killed, never another Ray job's on the machine)."""
+    made = []
+    init = ray_executor.RayExecutor.__init__
+    monkeypatch.setattr(ray_executor.RayExecutor, "__init__",
+                        lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +109,14 @@ def test_ray_gives_the_local_executors_table(tmp_path, local_table):
 
 
 def test_workers_killed_in_the_middle_of_a_group_are_restarted_and_the_table_is_unchanged(
-        tmp_path, local_table):
+        tmp_path, local_table, executors):
     out = tmp_path / "killed"
     killed, stop = [], threading.Event()
 
     def killer():  # SIGKILL whichever workers are inside a group once a checkpoint exists
         while not stop.is_set() and not killed:
-            if any((out / "checkpoints").glob("*.pt")):
-                killed.extend(worker_pids())
+            if executors and any((out / "checkpoints").glob("*.pt")):
+                killed.extend(busy(executors[-1].worker_pids))
                 for pid in killed:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
@@ -148,14 +166,14 @@ def test_a_worker_dead_for_good_hands_its_group_to_another(tmp_path, local_table
 
 
 def test_when_every_worker_is_dead_the_sweep_stops_and_resumes(tmp_path, local_table,
-                                                               monkeypatch):
+                                                               monkeypatch, executors):
     monkeypatch.setattr(ray_executor, "MAX_RETRIES", 0)
     out = tmp_path / "all-dead"
     killed = []
 
     def kill_every_worker(rec):
         if not killed:
-            killed.extend(worker_pids(busy=False))  # idle or inside a group
+            killed.extend(executors[-1].worker_pids)  # idle or inside a group
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
 
@@ -250,5 +268,6 @@ def test_ctrl_c_on_the_command_keeps_what_finished_and_stops_the_workers(tmp_pat
     kept = len(read_results(out / "results.jsonl"))
     assert proc.returncode == 130 and 2 <= kept < 12
     assert f"{kept} of 12 runs are finished and kept" in err
+    pids = [int(p) for p in re.search(r"one per CPU \(pids ([\d ]+)\)", err)[1].split()]
     time.sleep(2)
-    assert not worker_pids()  # the command's own local Ray is gone with it
+    assert len(pids) == 2 and not [p for p in pids if alive(p)]  # the command's workers: gone

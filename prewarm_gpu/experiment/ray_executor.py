@@ -103,7 +103,7 @@ class RayExecutor:
 
     def __init__(self, config: SweepConfig, log: Callable[[str], None]):
         self.ray = ray = import_ray()
-        self.log, self.actors, self.started = log, [], False
+        self.log, self.actors, self.started, self.worker_pids = log, [], False, []
         gpu = torch.device(config.device).type == "cuda"
         kind = "GPU" if gpu else "CPU"
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
@@ -135,7 +135,8 @@ class RayExecutor:
         except BaseException:
             self.close()
             raise
-        log(f"ray: {len(self.actors)} worker(s), one per {kind}")
+        log(f"ray: {len(self.actors)} worker(s), one per {kind} (pids "
+            f"{' '.join(map(str, self.worker_pids))})")
 
     def _check_workers(self) -> None:
         """Keep the workers that start within :data:`READY_TIMEOUT` s (an actor waits for a
@@ -156,6 +157,7 @@ class RayExecutor:
             self.log(f"ray: {len(late)} worker(s) did not start within {READY_TIMEOUT:.0f} s "
                      f"(devices taken by another job?); going on with {len(ready)}")
         answers = ray.get(ready)
+        self.worker_pids = [a["pid"] for a in answers]  # at start (a restarted actor has another)
         mine = environment("cpu")["git_commit"]
         for a in answers:
             where = f"the worker on {a['host']} (pid {a['pid']})"
