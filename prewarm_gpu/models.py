@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from .checks import as_pair
 from .registry import MODELS, get_model, register_model
 
-__all__ = ["SimpleCNN", "DSSimpleCNN", "aux_head", "conv_blocks", "MODELS", "BASELINES",
-           "register_model", "build_model", "fc_dim", "reinit_"]
+__all__ = ["SimpleCNN", "DSSimpleCNN", "DS_SIMPLECNN", "aux_head", "conv_blocks", "MODELS",
+           "BASELINES", "register_model", "build_model", "fc_dim", "reinit_"]
+
+DS_SIMPLECNN = "ds-simplecnn"  # DSSimpleCNN's registered name (LION-DG's network)
 
 
 def build_model(name: str, *, in_channels: int, n_classes: int,
@@ -101,7 +103,7 @@ def aux_head(in_channels: int, n_classes: int, hidden: int = 64) -> nn.Sequentia
     )
 
 
-@register_model("ds-simplecnn")
+@register_model(DS_SIMPLECNN)
 class DSSimpleCNN(SimpleCNN):
     """Deeply-supervised SimpleCNN (LION-DG's network): an auxiliary head after each conv block
     (32 and 64 channels).

@@ -42,12 +42,9 @@ def register(name: str, *, options_of: Callable | Iterable[Callable | str] | Non
     """
 
     def deco(fn: Initializer) -> Initializer:
-        if name in INITIALIZERS:
-            warnings.warn(f"initializer {name!r} is registered again; replacing it", stacklevel=2)
         fn.options_of = options_of
         fn.fixed_options = tuple(fixed)
-        INITIALIZERS[name] = fn
-        return fn
+        return _insert(INITIALIZERS, "initializer", name, fn)
 
     return deco
 
@@ -61,28 +58,35 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """
 
     def deco(factory: ModelFactory) -> ModelFactory:
-        if name in MODELS:
-            warnings.warn(f"model {name!r} is registered again; replacing it", stacklevel=2)
-        MODELS[name] = factory
-        return factory
+        return _insert(MODELS, "model", name, factory)
 
     return deco
 
 
 def get(name: str) -> Initializer:
     """The initialiser registered as ``name``; a ``KeyError`` lists the known names."""
-    try:
-        return INITIALIZERS[name]
-    except KeyError:
-        raise KeyError(f"unknown initializer {name!r}; known: {sorted(INITIALIZERS)}") from None
+    return _lookup(INITIALIZERS, "initializer", name)
 
 
 def get_model(name: str) -> ModelFactory:
     """The model factory registered as ``name``; a ``KeyError`` lists the known names."""
+    return _lookup(MODELS, "model", name)
+
+
+def _insert(table: dict[str, Any], kind: str, name: str, entry):
+    """``table[name] = entry``, warning (at the registering line) when it replaces one."""
+    if name in table:
+        warnings.warn(f"{kind} {name!r} is registered again; replacing it", stacklevel=3)
+    table[name] = entry
+    return entry
+
+
+def _lookup(table: dict[str, Any], kind: str, name: str):
+    """``table[name]``; a ``KeyError`` naming the ``kind`` and listing the known names."""
     try:
-        return MODELS[name]
+        return table[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
+        raise KeyError(f"unknown {kind} {name!r}; known: {sorted(table)}") from None
 
 
 _NOT_OPTIONS = {"model", "module", "images", "data", "generator", "raw_images"}

@@ -48,7 +48,7 @@ import torch
 from .. import __version__
 from ..data import DatasetNotFoundError, canonical_name, find_files, load_dataset, locate
 from .plan import RunSpec, SweepConfig
-from .records import environment
+from .records import environment, git_commit
 from .run import WorkersLost, checkpoint_policy, run_group
 
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the call it was running
@@ -76,11 +76,10 @@ class _Worker:
     def describe(self, data_dirs: dict[str, str | None]) -> dict[str, Any]:
         """This worker's host, pid, package version and commit, and the datasets of
         ``data_dirs`` it cannot find there."""
-        env = environment(self.device)
         missing = [f"{ds} in {d}" for ds, d in data_dirs.items()
                    if d is not None and find_files(ds, d) is None]
         return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
-                "commit": env["git_commit"], "missing": missing}
+                "commit": git_commit(), "missing": missing}
 
     def run(self, config: SweepConfig, ds: str, group: list[RunSpec]) -> list[dict[str, Any]]:
         """Train ``group`` (:func:`.run.run_group`); its records, with this worker's environment.
@@ -158,7 +157,7 @@ class RayExecutor:
                      f"(devices taken by another job?); going on with {len(ready)}")
         answers = ray.get(ready)
         self.worker_pids = [a["pid"] for a in answers]  # at start (a restarted actor has another)
-        mine = environment("cpu")["git_commit"]
+        mine = git_commit()
         for a in answers:
             where = f"the worker on {a['host']} (pid {a['pid']})"
             if (a["version"], a["commit"]) != (__version__, mine):

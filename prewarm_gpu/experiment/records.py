@@ -107,7 +107,7 @@ def trained_models(out: str | os.PathLike, dataset: str | None = None,
 
 # --- environment ---------------------------------------------------------------------------------
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The commit of the source tree this package runs from; ``None`` when unknown."""
     here = Path(__file__).resolve().parent
     try:
@@ -144,7 +144,7 @@ def environment(device: str | torch.device) -> dict[str, Any]:
         "device": str(dev),
         "device_name": name,
         "torch_threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._random import as_generator
-from ..models import DSSimpleCNN, aux_head
+from ..models import DS_SIMPLECNN, DSSimpleCNN, aux_head
 from ..registry import register
 from ._common import AFFINE, check_names, model_device, require_images, rollback
 from .lsuv import lsuv_
@@ -37,7 +37,7 @@ from .lsuv import lsuv_
 __all__ = ["DSSimpleCNN", "aux_head", "head_last_layers", "zero_aux_heads_", "lion_dg_",
            "lion_dg", "lsuv_lion_dg"]
 
-MODEL_NAME = "ds-simplecnn"  # DSSimpleCNN, registered in prewarm_gpu.models
+MODEL_NAME = DS_SIMPLECNN  # the architecture lion_dg needs
 
 
 def _heads(model: nn.Module, heads: Iterable[str] | None) -> list[tuple[str, nn.Module]]:
