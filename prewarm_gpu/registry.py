@@ -33,17 +33,20 @@ MODELS: dict[str, ModelFactory] = {}
 
 
 def register(name: str, *, options_of: Callable | Iterable[Callable | str] | None = None,
-             fixed: tuple[str, ...] = ()) -> Callable[[Initializer], Initializer]:
+             fixed: tuple[str, ...] = (), version: int = 1) -> Callable[[Initializer], Initializer]:
     """Decorator: add ``fn`` to :data:`INITIALIZERS` under ``name`` (warns on overwrite).
 
     ``options_of``: the function(s) whose keywords ``fn`` forwards its ``**options`` to, and/or
     option names, so that :func:`check_options` can validate options before any training;
-    ``fixed``: keywords that ``fn`` sets itself and a user may not pass.
+    ``fixed``: keywords that ``fn`` sets itself and a user may not pass; ``version``: bump it when
+    a change to ``fn``'s code (or to what it calls) changes its results for the same inputs — the
+    harness's run keys include it, so ``--resume`` reruns that initialiser's runs and no other.
     """
 
     def deco(fn: Initializer) -> Initializer:
         fn.options_of = options_of
         fn.fixed_options = tuple(fixed)
+        fn.version = int(version)
         return _insert(INITIALIZERS, "initializer", name, fn)
 
     return deco

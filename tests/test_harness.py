@@ -125,6 +125,17 @@ def test_run_keys_follow_the_config():
     assert plan_runs(tiny(Path("x"), init_options={"prewarm": {"scale": 0.1}}))[1].key != key
 
 
+def test_an_initialisers_version_rekeys_its_runs_only(monkeypatch):
+    """A change to one initialiser's results bumps its registry version: its runs get new keys
+    (``--resume`` reruns them), the Kaiming runs keep theirs (version 1 adds nothing to a key)."""
+    before = [s.key for s in plan_runs(tiny(Path("x")))]
+    prewarm = initializers.INITIALIZERS["prewarm"]
+    monkeypatch.setattr(prewarm, "version", prewarm.version + 1)
+    after = plan_runs(tiny(Path("x")))
+    assert [s.key for s in after][0] == before[0]  # kaiming
+    assert after[1].key != before[1] and after[1].config["init_version"] == prewarm.version
+
+
 def test_plan_rejects_unknown_inits_and_a_lone_baseline():
     with pytest.raises(KeyError, match="known:"):
         plan_runs(tiny(Path("x"), inits=["kaiming", "nope"]))

@@ -29,6 +29,7 @@ SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
 DEFAULT_ARCH = "simplecnn"
 BASELINE = "kaiming"
 PROTOCOL = 3  # bump when a change to the training code changes results: old runs then rerun
+# (a change to one initialiser's results bumps that initialiser's registry version instead)
 # 3: one trainer for one run and many, with a fused Adam (results move by float rounding)
 
 
@@ -106,10 +107,14 @@ class RunSpec:
         t = asdict(self.train)
         for k in ("target_loss", "eval_batch_size"):
             t.pop(k)
-        return {"dataset": self.dataset, "arch": self.arch, "init": self.init,
-                "options": jsonable(dict(self.options)), "train": t,
-                "device_type": self.device_type, "channels_last": self.channels_last,
-                "precision": self.precision, "baseline": self.baseline, "protocol": PROTOCOL}
+        config = {"dataset": self.dataset, "arch": self.arch, "init": self.init,
+                  "options": jsonable(dict(self.options)), "train": t,
+                  "device_type": self.device_type, "channels_last": self.channels_last,
+                  "precision": self.precision, "baseline": self.baseline, "protocol": PROTOCOL}
+        version = getattr(registry.get(self.init), "version", 1)
+        if version > 1:  # version 1 adds nothing, so the keys of runs recorded before it stay
+            config["init_version"] = version
+        return config
 
     @property
     def config_hash(self) -> str:
