@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from .bmm import BmmSimpleCNN
 from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
 from .models import SimpleCNN, conv_blocks
@@ -241,6 +242,26 @@ class _GroupedStack(_StackedLoss):
         self.net.write_back(models)
 
 
+class _BmmStack(_GroupedStack):
+    """SimpleCNN: :class:`~prewarm_gpu.bmm.BmmSimpleCNN`, every layer one batched product over
+    the runs, activations channels-last per run."""
+
+    def __init__(self, models: list[nn.Module], image_size: tuple[int, int]):
+        self.net = BmmSimpleCNN(models, image_size)
+
+    def train_logits(self, x: torch.Tensor) -> torch.Tensor:  # (R, B, C, H, W)
+        self.net.train()
+        return self.net(x.permute(0, 1, 3, 4, 2))
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:  # (M, C, H, W), shared
+        self.net.eval()
+        try:
+            x = x.permute(0, 2, 3, 1)  # channels-last, the same view for every run
+            return self.net(x.expand(self.net.R, *x.shape))
+        finally:
+            self.net.train()
+
+
 class _LoopStack:
     """Each run's own model and kernels, one after another inside the step; one Adam for all.
 
@@ -298,7 +319,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return main, main
 
 
-BACKENDS = ("auto", "grouped", "vmap", "loop")
+BACKENDS = ("auto", "grouped", "vmap", "loop", "bmm")
 
 
 # Measured speed of each backend, run-steps per second, SimpleCNN at batch 256: `auto` takes the
@@ -333,7 +354,7 @@ def _usable(models: list[nn.Module]) -> list[str]:
     """The backends that can train ``models``: auxiliary heads need the loop."""
     if any(hasattr(m, "aux_logits") for m in models):
         return ["loop"]
-    return ["grouped", "vmap", "loop"] if _grouped_ok(models) else ["vmap", "loop"]
+    return ["grouped", "vmap", "loop", "bmm"] if _grouped_ok(models) else ["vmap", "loop"]
 
 
 def choose_backend(backend: str, models: list[nn.Module], device: torch.device) -> str:
@@ -353,10 +374,12 @@ def choose_backend(backend: str, models: list[nn.Module], device: torch.device) 
 
 
 def _choose(backend: str, models: list[nn.Module], device: torch.device,
-            channels_last: bool | None = None):
+            channels_last: bool | None = None, image_size: tuple[int, int] | None = None):
     """The stack for ``backend`` (see :func:`choose_backend`); ``channels_last`` defaults to
-    True on the CPU, where it pays."""
+    True on the CPU, where it pays; ``image_size`` (H, W) is the data's (the bmm stack needs it)."""
     backend = choose_backend(backend, models, device)
+    if backend == "bmm":
+        return _BmmStack(models, image_size)
     if channels_last is None:
         channels_last = device.type == "cpu"
     if backend == "grouped":
@@ -412,7 +435,7 @@ def train_batched(
     R = len(models)
     for m in models:
         m.train()
-    stack = _choose(backend, models, dev, channels_last)
+    stack = _choose(backend, models, dev, channels_last, tuple(data.train_x.shape[-2:]))
     opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr_start, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_end)
     streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,

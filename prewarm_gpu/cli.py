@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .batched import BACKENDS
 from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
 
 __all__ = ["main", "build_parser", "parse_init_options"]
@@ -109,9 +110,10 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default, as the paper), tf32, or bf16 autocast. bf16 did not "
                    "reproduce fp32's result on an H100 (Fashion-MNIST: 1.3 points lower, p 0.11 "
                    "instead of 0.012); do not use it for Table 3")
-    p.add_argument("--backend", choices=["auto", "grouped", "vmap", "loop"], default="auto",
-                   help="batched trainer: grouped convolutions, vmap, or per-run kernels in one "
-                   "step (auto: loop on the CPU, grouped for SimpleCNN on a GPU)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="batched trainer: grouped convolutions, vmap, per-run kernels in one "
+                   "step (loop), or batched matrix products over the runs (bmm); auto: the "
+                   "fastest measured for the device (prewarm_gpu.batched.MEASURED)")
     p.add_argument("--checkpoint-every", default="10m", metavar="N|Mm|Ss",
                    help="checkpoint the runs in training every N steps, M minutes or S seconds "
                    "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
