@@ -8,6 +8,7 @@ mean-centred patches of one batch, on the images' device.
 __version__ = "0.1.0"
 
 from . import rules  # noqa: E402
+from .distributed import DistributedPrewarmReport, prewarm_distributed_
 from .kmeans import MiniBatchKMeans
 from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
@@ -15,4 +16,5 @@ from .prewarm import PrewarmReport, conditioned_init, prewarm_
 # user imports first: importing any prewarm_gpu module runs this file first.
 from . import initializers, methods, models  # noqa: E402,F401  isort: skip
 
-__all__ = ["MiniBatchKMeans", "PrewarmReport", "conditioned_init", "prewarm_", "rules"]
+__all__ = ["DistributedPrewarmReport", "MiniBatchKMeans", "PrewarmReport", "conditioned_init",
+           "prewarm_", "prewarm_distributed_", "rules"]
