@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from . import rules  # noqa: E402
 from .distributed import DistributedPrewarmReport, prewarm_distributed_
+from .hooks import prewarm_on_first_batch
 from .kmeans import MiniBatchKMeans
 from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
@@ -17,4 +18,4 @@ from .prewarm import PrewarmReport, conditioned_init, prewarm_
 from . import initializers, methods, models  # noqa: E402,F401  isort: skip
 
 __all__ = ["DistributedPrewarmReport", "MiniBatchKMeans", "PrewarmReport", "conditioned_init",
-           "prewarm_", "prewarm_distributed_", "rules"]
+           "prewarm_", "prewarm_distributed_", "prewarm_on_first_batch", "rules"]
