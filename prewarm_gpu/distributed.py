@@ -184,8 +184,8 @@ def prewarm_distributed_(
     Works on a ``DistributedDataParallel`` (or ``torch.compile``) model, before or after
     wrapping: it writes the inner module's conv (``layer=`` names a layer of the inner module).
     DDP broadcasts parameters only at construction, so after wrapping this call is what keeps the
-    replicas equal. Sharded weights (FSDP2 / ``DTensor``, FSDP1) are refused: call it before
-    sharding.
+    replicas equal (before wrapping, DDP's constructor would copy rank 0's filters anyway).
+    Sharded weights (FSDP2 / ``DTensor``, FSDP1) are refused: call it before sharding.
 
     Every rank takes part in one ``all_gather_object`` of its status before any filter is
     broadcast. A failure on any rank (bad input, a rule that does not apply, a sharded weight)
