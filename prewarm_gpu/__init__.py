@@ -8,6 +8,8 @@ mean-centred patches of one batch, on the images' device.
 __version__ = "0.1.0"
 
 from . import rules  # noqa: E402
+from .distributed import DistributedPrewarmReport, prewarm_distributed_
+from .hooks import prewarm_on_first_batch
 from .kmeans import MiniBatchKMeans
 from .prewarm import PrewarmReport, conditioned_init, prewarm_
 
@@ -15,4 +17,5 @@ from .prewarm import PrewarmReport, conditioned_init, prewarm_
 # user imports first: importing any prewarm_gpu module runs this file first.
 from . import initializers, methods, models  # noqa: E402,F401  isort: skip
 
-__all__ = ["MiniBatchKMeans", "PrewarmReport", "conditioned_init", "prewarm_", "rules"]
+__all__ = ["DistributedPrewarmReport", "MiniBatchKMeans", "PrewarmReport", "conditioned_init",
+           "prewarm_", "prewarm_distributed_", "prewarm_on_first_batch", "rules"]
