@@ -140,6 +140,15 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="with --executor ray: the cluster to join (default: start a local Ray on "
                    "this machine)")
+    p.add_argument("--schedule-steps", type=_positive_int, default=None, metavar="T",
+                   help="length T of the cosine schedule (default: --steps); T > --steps stops "
+                   "early on the longer schedule: --steps 500 --schedule-steps 5000 is step 500 "
+                   "of the paper's 5000-step run")
+    p.add_argument("--rule-source", choices=["dataset", "batch"], default="dataset",
+                   help="Pre-Warm's n_patches (eq. 5/6) when not given: dataset (default, as the "
+                   "paper's §3.4 and Table 1: the statistic of the whole training split, one "
+                   "value per dataset, written into each run's options) or batch (n_patches=auto "
+                   "on each seed's first batch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +285,8 @@ def _sweep_config(args: argparse.Namespace):
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
         report_only=args.report_only, executor=args.executor, ray_address=args.ray_address,
-        group_size=args.group_size,
+        group_size=args.group_size, schedule_steps=args.schedule_steps,
+        rule_source=args.rule_source,
     )
 
 
@@ -296,7 +306,8 @@ def _grid_config(args: argparse.Namespace):
         report_only=args.report_only, group_size=args.group_size, executor=args.executor,
         ray_address=args.ray_address,
         patch_size=args.patch_size, n_clusters=args.n_clusters, n_patches=args.n_patches,
-        scale=args.scale, metric=args.metric,
+        scale=args.scale, metric=args.metric, schedule_steps=args.schedule_steps,
+        rule_source=args.rule_source,
     )
 
 

@@ -40,7 +40,7 @@ from ..checks import is_real
 from ..stats import holm, paired_stats
 from ..train import TrainConfig
 from .jsonable import jsonable
-from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs
+from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs, rule_of, rule_text
 from .plots import import_pyplot, plot_grid
 from .records import latest_by_key, write_atomic
 from .report import BASELINE_NAMES, Outcome, is_ok
@@ -215,6 +215,7 @@ def summarise_grid(config: GridConfig, specs: Sequence[RunSpec],
             "seeds": list(config.seeds), "precision": config.precision,
             "device": str(config.device), "baseline": config.baseline,
             "rule_n_patches": config.rule_n_patches,
+            "rule": config.dataset_rules.get(ds), "schedule_steps": tc.t_max,
             "axes": {a: list(getattr(config, a)) for a in AXES},
             "cells": rows, "failed": failed, "missing": missing}
 
@@ -252,15 +253,22 @@ def render_grid(summary: dict[str, Any]) -> str:
             f"{_p(r['wilcoxon_p'])} | {r['wins']}/{r['n']} |")
     seeds = " ".join(map(str, summary["seeds"]))
     rule = summary["rule_n_patches"]
-    rule_note = ("" if rule is None else
-                 f" ◀ rule: the n_patches eq. 5/6 gives on this dataset ({rule})"
+    how = (rule_text({**summary["rule"], "n_patches": rule}) if summary.get("rule")
+           else f"the n_patches eq. 5/6 gives on this dataset ({rule})")
+    rule_note = ("" if rule is None else f" ◀ rule: {how}"
                  + ("" if rule in summary["axes"]["n_patches"] else ", not on this axis") + ".")
+    T = summary.get("schedule_steps") or summary["steps"]
+    reading = (f"the {what.split(' (')[0]} at step {summary['steps']} of a {T}-step cosine "
+               "schedule (the schedule ends there)" if T == summary["steps"] else
+               f"the {what.split(' (')[0]} at step {summary['steps']} of the {T}-step cosine "
+               "schedule (stopped early; --schedule-steps)")
     parts = [*head, *rows, "",
              f"{summary['dataset']}: {what}; {summary['steps']} steps, batch "
              f"{summary['batch_size']}, lr {summary['lr'][0]:g}→{summary['lr'][1]:g}, "
              f"{len(summary['seeds'])} seeds ({seeds}), {summary['precision']}, device "
              f"{summary['device']}; \"Kaiming\" is the baseline {summary['baseline']} "
-             f"({BASELINE_NAMES[summary['baseline']]}), one run per seed shared by every cell.",
+             f"({BASELINE_NAMES[summary['baseline']]}), one run per seed shared by every cell. "
+             f"Reading: {reading}.",
              "",
              "Kaiming, Pre-Warm: mean ± sample std over the seeds where both runs finished (n); "
              "Δ: mean paired difference of the metric, Pre-Warm − Kaiming; p: one-sided paired "
@@ -298,6 +306,10 @@ OUTPUTS = Outputs(write_grid, None, _plot_end)
 
 def prepare_grid(config: GridConfig) -> tuple[GridConfig, list[RunSpec]]:
     """Every check that needs no training (:func:`.run.prepare`), then the group size."""
+    if config.rule_source != "dataset":
+        raise ValueError(f"--rule-source {config.rule_source!r}: every grid cell gives n_patches "
+                         "(the --n-patches axis), so no run uses a rule; the row grid.md marks is "
+                         "the dataset rule's value. Use --rule-source dataset")
     config, specs = prepare(config, plan_grid, plot_check=import_pyplot)
     if config.group_size is None and config.batch and batchable(specs[0].arch):
         config = replace(config, group_size=auto_group_size(config, specs))
@@ -310,14 +322,21 @@ def run_grid(config: GridConfig, *, log: Callable[[str], None] | None = None,
     Raises what :func:`.reproduce.reproduce` raises."""
     config, specs = prepare_grid(config)
     if config.rule_n_patches is None:
-        config = replace(config, rule_n_patches=rule_n_patches(config))
+        ds = config.datasets[0]
+        rule = grid_rule(config)
+        config = replace(config, rule_n_patches=rule["n_patches"],
+                         dataset_rules={**config.dataset_rules, ds: rule})
     return execute(config, specs, OUTPUTS, log=log, after_run=after_run)
 
 
-def rule_n_patches(config: GridConfig) -> int:
-    """The n_patches the paper's rule gives on the grid's dataset (Table 1's statistic: eq. 5 from
-    the Otsu density of the whole training split, eq. 6 for colour), for SimpleCNN's F = 32."""
-    from .report import stats_row
+def grid_rule(config: GridConfig) -> dict[str, Any]:
+    """The paper's rule on the grid's dataset (:func:`.report.dataset_rule`: eq. 5 from the Otsu
+    density of the whole training split, eq. 6 for colour) with its ``n_patches`` for the
+    default Pre-Warm arm's F (SimpleCNN: 32), the value ``grid.md`` marks."""
+    _, rule = rule_of(config, config.datasets[0], Arm(METHOD))
+    return rule
 
-    return int(stats_row(config.datasets[0], data_dir=config.data_dir, download=config.download,
-                         device=config.device)["n_patches"])
+
+def rule_n_patches(config: GridConfig) -> int:
+    """The n_patches the paper's rule gives on the grid's dataset (:func:`grid_rule`)."""
+    return int(grid_rule(config)["n_patches"])
