@@ -7,6 +7,7 @@ Usage::
     prewarm-gpu reproduce --dataset mnist --seeds 42 7 --steps 500 --init kaiming prewarm lsuv
     prewarm-gpu reproduce --out runs/digits --resume   # finish an interrupted sweep
     prewarm-gpu stats --dataset mnist --data-dir data   # Table 1's derived quantities
+    prewarm-gpu report --pool runs/cpu runs/h100   # replications pooled by seed
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
 2 bad arguments (checked before any training), missing data, an unavailable device, results
@@ -227,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=_default_device())
     s.add_argument("--n-filters", type=_positive_int, default=32, help="F, conv1's filters (32)")
 
+    rp = sub.add_parser("report", help="combine replications of one protocol (--pool)",
+                        description="Pool replications of one protocol paired by seed: each "
+                        "seed's difference averaged over the folders that have it, then the "
+                        "one-sided paired t-test on the per-seed means; prints each folder's row "
+                        "and the pooled row (not all pairs pooled naively: the folders share "
+                        "seeds, so their pairs are not independent).")
+    rp.add_argument("--pool", nargs="+", type=Path, required=True, metavar="DIR",
+                    help="two or more output folders (each with results.jsonl) of one protocol")
+
     fb = sub.add_parser("filterbank", help="clustered filter banks of trained models (Ulm et al.)")
     fbs = fb.add_subparsers(dest="fb_command", required=True)
     b = fbs.add_parser("build", help="cluster the conv kernels of a sweep's saved models into a "
@@ -412,6 +422,11 @@ def _prepare(args: argparse.Namespace):
                              f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
                              f"init={args.init!r}); run reproduce --save-models first")
         return lambda: _filterbank(args)
+    if args.command == "report":
+        from .experiment.pool import pool
+
+        text = pool(args.pool)  # PoolError (a ValueError): exit 2 before printing anything
+        return lambda: print(text) or 0
     if args.command == "stats":
         from .data import locate
 
