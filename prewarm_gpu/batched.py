@@ -437,7 +437,7 @@ def train_batched(
         m.train()
     stack = _choose(backend, models, dev, channels_last, tuple(data.train_x.shape[-2:]))
     opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr_start, fused=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_end)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.lr_end)
     streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,
                            torch.Generator(device=dev).manual_seed(s)) for s in seeds]
     losses = torch.empty(cfg.steps, R, dtype=torch.float32, device=dev)

@@ -7,6 +7,7 @@ Usage::
     prewarm-gpu reproduce --dataset mnist --seeds 42 7 --steps 500 --init kaiming prewarm lsuv
     prewarm-gpu reproduce --out runs/digits --resume   # finish an interrupted sweep
     prewarm-gpu stats --dataset mnist --data-dir data   # Table 1's derived quantities
+    prewarm-gpu report --pool runs/cpu runs/h100   # replications pooled by seed
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
 2 bad arguments (checked before any training), missing data, an unavailable device, results
@@ -142,6 +143,15 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="with --executor ray: the cluster to join (default: start a local Ray on "
                    "this machine)")
+    p.add_argument("--schedule-steps", type=_positive_int, default=None, metavar="T",
+                   help="length T of the cosine schedule (default: --steps); T > --steps stops "
+                   "early on the longer schedule: --steps 500 --schedule-steps 5000 is step 500 "
+                   "of the paper's 5000-step run")
+    p.add_argument("--rule-source", choices=["dataset", "batch"], default="dataset",
+                   help="Pre-Warm's n_patches (eq. 5/6) when not given: dataset (default, as the "
+                   "paper's §3.4 and Table 1: the statistic of the whole training split, one "
+                   "value per dataset, written into each run's options) or batch (n_patches=auto "
+                   "on each seed's first batch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=_default_device())
     s.add_argument("--n-filters", type=_positive_int, default=32, help="F, conv1's filters (32)")
 
+    rp = sub.add_parser("report", help="combine replications of one protocol (--pool)",
+                        description="Pool replications of one protocol paired by seed: each "
+                        "seed's difference averaged over the folders that have it, then the "
+                        "one-sided paired t-test on the per-seed means; prints each folder's row "
+                        "and the pooled row (not all pairs pooled naively: the folders share "
+                        "seeds, so their pairs are not independent).")
+    rp.add_argument("--pool", nargs="+", type=Path, required=True, metavar="DIR",
+                    help="two or more output folders (each with results.jsonl) of one protocol")
+
     fb = sub.add_parser("filterbank", help="clustered filter banks of trained models (Ulm et al.)")
     fbs = fb.add_subparsers(dest="fb_command", required=True)
     b = fbs.add_parser("build", help="cluster the conv kernels of a sweep's saved models into a "
@@ -278,7 +297,8 @@ def _sweep_config(args: argparse.Namespace):
         channels_last=args.channels_last, batch=args.batch, precision=args.precision,
         backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
         report_only=args.report_only, executor=args.executor, ray_address=args.ray_address,
-        group_size=args.group_size,
+        group_size=args.group_size, schedule_steps=args.schedule_steps,
+        rule_source=args.rule_source,
     )
 
 
@@ -298,7 +318,8 @@ def _grid_config(args: argparse.Namespace):
         report_only=args.report_only, group_size=args.group_size, executor=args.executor,
         ray_address=args.ray_address,
         patch_size=args.patch_size, n_clusters=args.n_clusters, n_patches=args.n_patches,
-        scale=args.scale, metric=args.metric,
+        scale=args.scale, metric=args.metric, schedule_steps=args.schedule_steps,
+        rule_source=args.rule_source,
     )
 
 
@@ -403,6 +424,11 @@ def _prepare(args: argparse.Namespace):
                              f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
                              f"init={args.init!r}); run reproduce --save-models first")
         return lambda: _filterbank(args)
+    if args.command == "report":
+        from .experiment.pool import pool
+
+        text = pool(args.pool)  # PoolError (a ValueError): exit 2 before printing anything
+        return lambda: print(text) or 0
     if args.command == "stats":
         from .data import locate
 

@@ -10,7 +10,9 @@ batch by batch; the raw [0, 1] images stay available for Pre-Warm's rules.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -36,6 +38,7 @@ __all__ = [
     "EpochStream",
     "epoch_stream",
     "first_batch_indices",
+    "data_fingerprint",
 ]
 
 
@@ -117,6 +120,22 @@ class ImageData:
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images → float32 standardised with the training set's per-channel mean and std."""
         return torch.addcmul(self._b, x.to(torch.float32), self._a)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """``sha256:<16 hex>`` of both splits' images and labels (shapes, dtypes and bytes),
+        computed once per loaded dataset (≈ 0.1 s for Fashion-MNIST): two records with the same
+        fingerprint trained on the same data."""
+        return data_fingerprint(self.train_x, self.train_y, self.test_x, self.test_y)
+
+
+def data_fingerprint(*tensors: torch.Tensor) -> str:
+    """``sha256:<first 16 hex digits>`` of the tensors' shapes, dtypes and bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def _channel_stats(x: torch.Tensor, max_value: float, chunk: int = 8192):

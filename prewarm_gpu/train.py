@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpointer
+from .checks import is_int
 from .data import ImageData
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "cosine_lr", "curve_steps",
@@ -32,22 +33,35 @@ class TrainConfig:
     steps: int = 5000  # N optimisation steps
     batch_size: int = 256
     lr_start: float = 3e-3  # η_start of the cosine schedule
-    lr_end: float = 3e-5  # η_end, reached at step N
+    lr_end: float = 3e-5  # η_end, reached at step T (t_max; N unless set)
     eval_points: int = 10  # test-accuracy checkpoints (plus step 0)
     loss_points: int = 100  # training-loss curve points; each is the mean loss of its window
     aux_weight: float = 0.3  # weight of Σ CE(aux_logits) for models that expose aux heads
     target_loss: float = 0.5  # "steps to target": first curve point with window-mean loss below
     eval_batch_size: int = 2048  # test images per forward pass
+    schedule_steps: int | None = None  # T, the cosine schedule's length (None: steps); >= steps
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, "
                              f"{self.batch_size}")
+        if self.schedule_steps is not None and not (
+                is_int(self.schedule_steps) and self.schedule_steps >= self.steps):
+            raise ValueError(f"schedule_steps (the cosine schedule's length T) must be an int >= "
+                             f"steps = {self.steps} (or None: T = steps), got "
+                             f"{self.schedule_steps!r}")
         if not (self.lr_start > 0 and self.lr_end >= 0):
             raise ValueError(f"learning rates must be positive, got {self.lr_start} → "
                              f"{self.lr_end}")
         if self.eval_points < 1 or self.loss_points < 1:
             raise ValueError("eval_points and loss_points must be >= 1")
+
+    @property
+    def t_max(self) -> int:
+        """T of the cosine schedule: ``schedule_steps``, else ``steps`` (the run ends at η_end).
+        ``steps < T`` stops early on the same schedule: ``--steps 500 --schedule-steps 5000`` is
+        step 500 of the paper's 5000-step run."""
+        return self.steps if self.schedule_steps is None else self.schedule_steps
 
 
 @dataclass

@@ -354,7 +354,8 @@ def test_report_only_rewrites_the_tables_without_training(tmp_path):
     ran = []
     table = run_sweep(tiny(tmp_path, seeds=[42, 7], report_only=True), after_run=ran.append)
     assert ran == [] and (tmp_path / "table.md").read_text().strip() == table.strip()
-    assert "not run yet (2): digits kaiming seed 7, digits prewarm seed 7" in table
+    # the dataset rule (digits: d 0.3458 → 23) is in the label, as in the key
+    assert "not run yet (2): digits kaiming seed 7, digits prewarm(n_patches=23) seed 7" in table
     with pytest.raises(experiment.NothingToResumeError, match="no results to report"):
         run_sweep(tiny(tmp_path / "empty", report_only=True))
 

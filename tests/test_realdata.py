@@ -12,6 +12,7 @@ import torch
 from prewarm_gpu import data as D
 from prewarm_gpu.experiment import SweepConfig, run_sweep
 from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment.plan import plan_runs
 from prewarm_gpu.experiment.report import stats_row
 
 FASHION = D.SYSTEM_DATA_DIR / "fashion-mnist"
@@ -57,3 +58,17 @@ def test_a_short_paired_training_on_the_real_data_learns(fashion, tmp_path, monk
     m = summary["datasets"]["fashion-mnist"]["methods"]["prewarm"]
     assert m["seeds"] == [42]
     assert m["kaiming_acc"][0] >= 0.80 and m["method_acc"][0] >= 0.80
+
+
+def test_every_prewarm_arm_of_a_fashion_mnist_sweep_gets_table_1s_22(fashion, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: fashion)
+    # the committed run's protocol (--no-batch: the single-run trainer, channels_last)
+    config, specs = engine.prepare(SweepConfig(datasets=["fashion-mnist"], out=tmp_path,
+                                               data_dir=FASHION, progress=False, batch=False),
+                                   plan_runs)
+    prewarm = [s for s in specs if s.init == "prewarm"]
+    assert len(prewarm) == 8 and {dict(s.options)["n_patches"] for s in prewarm} == {22}
+    assert {s.rule["n_patches"] for s in prewarm} == {22}
+    assert f"{config.dataset_rules['fashion-mnist']['statistic']:.4f}" == "0.3602"
+    assert all(s.key.endswith("b98be3227522") for s in specs if s.init == "kaiming")

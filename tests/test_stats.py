@@ -11,7 +11,10 @@ from prewarm_gpu.stats import (
     format_mean_std,
     format_p,
     holm,
+    min_detectable_delta,
     paired_stats,
+    pooled_by_seed,
+    power_at,
     significance,
     table3_markdown,
 )
@@ -145,9 +148,56 @@ def test_table3_markdown_rows_and_mean_row():
     assert row.startswith("| MNIST | prewarm | 4 | 0.9325 ± 0.0126 | 0.9450 ± 0.0129 | +0.0125 | "
                           "-18.52% | 0.0077 | 4/4 | ")
     # the Holm family of prewarm is {0.0077, n/a}: one p, unadjusted
-    assert row.endswith(f"| {a.wilcoxon_p:.4f} | [{a.ci_low:+.4f}, {a.ci_high:+.4f}] | 0.0077 |")
+    # no paper Δ given: power n/a; the minimum detectable Δ from the 4 differences' SD
+    mdd = min_detectable_delta(float(np.std([0.01, 0.02, 0.01, 0.01], ddof=1)), 4)
+    assert row.endswith(f"| {a.wilcoxon_p:.4f} | [{a.ci_low:+.4f}, {a.ci_high:+.4f}] | 0.0077 | "
+                        f"n/a | {mdd:.4f} |")
     assert "| SVHN | prewarm | 1 | 0.9000 | 0.9000 | +0.0000 | +0.00% | n/a | 0/1 | n/a | n/a | " \
-           "n/a |" in lines
+           "n/a | n/a | n/a |" in lines
     mean = [ln for ln in lines if ln.startswith("| Mean | prewarm")]
     assert mean and "| +0.006" in mean[0] and "| -9.26% |" in mean[0]  # (0.0125 + 0) / 2
     assert isinstance(a, PairedStats)
+
+
+# --- power and pooling ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("delta, sd, n", [(0.0016, 0.0022, 8), (0.0016, 0.0015, 8), (1.0, 2.0, 15)])
+def test_power_is_the_noncentral_t_tail_beyond_the_one_sided_critical_value(delta, sd, n):
+    crit = sps.t.ppf(0.95, n - 1)  # one-sided α 0.05
+    want = sps.nct.sf(crit, n - 1, delta * math.sqrt(n) / sd)
+    assert power_at(delta, sd, n) == pytest.approx(want, rel=1e-12)
+
+
+def test_power_of_the_fashion_mnist_design_is_a_coin_flip_not_80_percent():
+    # the issue's numbers: SD 0.0022 → ≈ 0.58; SD 0.0015 (He-normal) → ≈ 0.86; 15 seeds → ≥ 0.8
+    assert power_at(0.0016, 0.0022, 8) == pytest.approx(0.5828, abs=1e-3)
+    assert power_at(0.0016, 0.0015, 8) == pytest.approx(0.8563, abs=1e-3)
+    assert power_at(0.0016, 0.0022, 14) < 0.83 and power_at(0.0016, 0.0022, 15) > 0.84
+
+
+def test_min_detectable_delta_has_the_asked_power_and_exceeds_t_sd_over_root_n():
+    sd, n = 0.0022, 8
+    d80 = min_detectable_delta(sd, n)
+    assert power_at(d80, sd, n) == pytest.approx(0.8, abs=1e-9)
+    naive = sps.t.ppf(0.95, n - 1) * sd / math.sqrt(n)  # 1.895·SD/√8: power ≈ 0.5, not 0.8
+    assert 0.5 < power_at(naive, sd, n) < 0.55 and d80 > 1.4 * naive
+
+
+@pytest.mark.parametrize("args", [(0.001, 0.0, 8), (0.001, 0.002, 1), (0.001, math.nan, 8)])
+def test_power_refuses_an_undefined_design(args):
+    with pytest.raises(ValueError, match="SD|n >= 2"):
+        power_at(*args)
+
+
+def test_pooled_by_seed_averages_each_seed_over_the_replications_that_have_it():
+    a = {1: (0.93, 0.92), 2: (0.95, 0.93), 3: (0.90, 0.91)}
+    b = {1: (0.94, 0.92), 2: (0.93, 0.93)}  # seed 3 only in the first replication
+    seeds, m, k = pooled_by_seed([a, b])
+    assert seeds == [1, 2, 3]
+    np.testing.assert_allclose(m, [0.935, 0.94, 0.90])
+    np.testing.assert_allclose(k, [0.92, 0.93, 0.91])
+    # the pooled test is the paired t on 3 per-seed mean differences (+0.015, +0.010, −0.010)
+    d = np.array([0.015, 0.010, -0.010])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    s = paired_stats(m, k)
+    assert s.n == 3 and s.t == pytest.approx(t) and s.p == pytest.approx(sps.t.sf(t, 2))

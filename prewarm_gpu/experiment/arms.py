@@ -16,7 +16,7 @@ from torch import nn
 from .. import registry
 from ..data import ImageData, first_batch_indices
 from ..models import build_model, reinit_
-from .plan import RunSpec
+from .plan import RunSpec, rule_text
 
 
 @contextlib.contextmanager
@@ -68,5 +68,19 @@ def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]
     model = model.to(data.device)
     idx = first_batch_indices(data.train_x.shape[0], spec.train.batch_size, spec.seed, data.device)
     batch = {"images": data.standardise(data.train_x[idx]), "raw": data.raw(data.train_x[idx])}
-    return model, init_with_generator(registry.get(spec.init), model, batch, spec.seed,
-                                      dict(spec.options), data.device)
+    report = init_with_generator(registry.get(spec.init), model, batch, spec.seed,
+                                 dict(spec.options), data.device)
+    return model, with_rule_source(report, spec)
+
+
+def with_rule_source(report: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
+    """The init report, plus where a Pre-Warm arm's n_patches came from (``spec.rule``):
+    ``rule_source`` ("dataset" or "batch"), ``n_patches_from`` (the caption's words) and, for the
+    dataset rule, its statistic (``dataset_rule``)."""
+    if spec.rule is None:
+        return report
+    extra: dict[str, Any] = {"rule_source": spec.rule["source"],
+                             "n_patches_from": rule_text(spec.rule)}
+    if spec.rule["source"] == "dataset":
+        extra["dataset_rule"] = dict(spec.rule)
+    return {**report, **extra}

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from ..checks import is_real
-from ..stats import holm, paired_stats
+from ..stats import holm, min_detectable_delta, paired_stats
 from ..train import TrainConfig
 from .jsonable import jsonable
-from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs
+from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs, rule_of, rule_text
 from .plots import import_pyplot, plot_grid
 from .records import latest_by_key, write_atomic
 from .report import BASELINE_NAMES, Outcome, is_ok
@@ -175,7 +175,16 @@ def cell_stats(method: Sequence[float], base: Sequence[float], metric: str) -> d
             "prewarm_mean": float(m.mean()),
             "prewarm_std": float(m.std(ddof=1)) if s.n > 1 else math.nan,
             "delta": sign * s.delta_acc, "t": s.t, "p": s.p, "wilcoxon_p": s.wilcoxon_p,
-            "ci": ci, "wins": s.wins, "ties": s.ties}
+            "ci": ci, "wins": s.wins, "ties": s.ties, "diff_std": s.diff_std,
+            "mdd80": _mdd80(s)}
+
+
+def _mdd80(s) -> float:
+    """The smallest true |Δ| this cell's test detects with 80 % power (one-sided α 0.05, from
+    the observed SD of its paired differences; noncentral t). The paper gives no Δ of the loss
+    to compute a power for, so the grid states this instead."""
+    return (min_detectable_delta(s.diff_std, s.n)
+            if s.n >= 2 and math.isfinite(s.diff_std) and s.diff_std > 0 else math.nan)
 
 
 def summarise_grid(config: GridConfig, specs: Sequence[RunSpec],
@@ -215,6 +224,7 @@ def summarise_grid(config: GridConfig, specs: Sequence[RunSpec],
             "seeds": list(config.seeds), "precision": config.precision,
             "device": str(config.device), "baseline": config.baseline,
             "rule_n_patches": config.rule_n_patches,
+            "rule": config.dataset_rules.get(ds), "schedule_steps": tc.t_max,
             "axes": {a: list(getattr(config, a)) for a in AXES},
             "cells": rows, "failed": failed, "missing": missing}
 
@@ -233,15 +243,15 @@ def render_grid(summary: dict[str, Any]) -> str:
             "steps; lower is better)" if summary["metric"] == "loss"
             else "final test accuracy (higher is better)")
     head = ["| patch | k | n_patches | scale | n | Kaiming | Pre-Warm | Δ | 95 % CI Δ | p | "
-            "p (Holm) | Wilcoxon p | wins |",
+            "p (Holm) | Wilcoxon p | wins | MDΔ 80 % |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
-            "| ---: |"]
+            "| ---: | ---: |"]
     rows = []
     for r in summary["cells"]:
         mark = " ◀ rule" if r["rule"] else ""
         if not r["n"]:
             rows.append(f"| {r['patch_size']} | {r['n_clusters']} | {r['n_patches']}{mark} | "
-                        f"{r['scale']:g} | 0 | | | | | | | | |")
+                        f"{r['scale']:g} | 0 | | | | | | | | | |")
             continue
         ci = r["ci"]
         rows.append(
@@ -249,25 +259,35 @@ def render_grid(summary: dict[str, Any]) -> str:
             f"{r['n']} | {_f(r['kaiming_mean'])} ± {_f(r['kaiming_std'])} | "
             f"{_f(r['prewarm_mean'])} ± {_f(r['prewarm_std'])} | {r['delta']:+.4f} | "
             f"[{_f(ci[0])}, {_f(ci[1])}] | {_p(r['p'])} | {_p(r['p_holm'])} | "
-            f"{_p(r['wilcoxon_p'])} | {r['wins']}/{r['n']} |")
+            f"{_p(r['wilcoxon_p'])} | {r['wins']}/{r['n']} | {_f(r.get('mdd80'))} |")
     seeds = " ".join(map(str, summary["seeds"]))
     rule = summary["rule_n_patches"]
-    rule_note = ("" if rule is None else
-                 f" ◀ rule: the n_patches eq. 5/6 gives on this dataset ({rule})"
+    how = (rule_text({**summary["rule"], "n_patches": rule}) if summary.get("rule")
+           else f"the n_patches eq. 5/6 gives on this dataset ({rule})")
+    rule_note = ("" if rule is None else f" ◀ rule: {how}"
                  + ("" if rule in summary["axes"]["n_patches"] else ", not on this axis") + ".")
+    T = summary.get("schedule_steps") or summary["steps"]
+    reading = (f"the {what.split(' (')[0]} at step {summary['steps']} of a {T}-step cosine "
+               "schedule (the schedule ends there)" if T == summary["steps"] else
+               f"the {what.split(' (')[0]} at step {summary['steps']} of the {T}-step cosine "
+               "schedule (stopped early; --schedule-steps)")
     parts = [*head, *rows, "",
              f"{summary['dataset']}: {what}; {summary['steps']} steps, batch "
              f"{summary['batch_size']}, lr {summary['lr'][0]:g}→{summary['lr'][1]:g}, "
              f"{len(summary['seeds'])} seeds ({seeds}), {summary['precision']}, device "
              f"{summary['device']}; \"Kaiming\" is the baseline {summary['baseline']} "
-             f"({BASELINE_NAMES[summary['baseline']]}), one run per seed shared by every cell.",
+             f"({BASELINE_NAMES[summary['baseline']]}), one run per seed shared by every cell. "
+             f"Reading: {reading}.",
              "",
              "Kaiming, Pre-Warm: mean ± sample std over the seeds where both runs finished (n); "
              "Δ: mean paired difference of the metric, Pre-Warm − Kaiming; p: one-sided paired "
              "t-test in the direction \"Pre-Warm is better\"; p (Holm): adjusted across the "
              f"{len(summary['cells'])} cells of this table; Wilcoxon p: one-sided signed-rank "
              "test; 95 % CI: paired bootstrap (BCa, 9999 resamples, fixed seed); wins: seeds "
-             "where Pre-Warm is strictly better; n/a: undefined." + rule_note]
+             "where Pre-Warm is strictly better; MDΔ 80 %: the smallest true |Δ| this cell's "
+             "test detects with 80 % power (one-sided α 0.05, noncentral t, from the observed SD "
+             "of the paired differences; t·SD/√n is the Δ detected only half of the time); "
+             "n/a: undefined." + rule_note]
     if summary["failed"]:
         parts += ["", *(f"- failed: {f['run']}: {f['error']}" for f in summary["failed"])]
     if summary["missing"]:
@@ -298,6 +318,10 @@ OUTPUTS = Outputs(write_grid, None, _plot_end)
 
 def prepare_grid(config: GridConfig) -> tuple[GridConfig, list[RunSpec]]:
     """Every check that needs no training (:func:`.run.prepare`), then the group size."""
+    if config.rule_source != "dataset":
+        raise ValueError(f"--rule-source {config.rule_source!r}: every grid cell gives n_patches "
+                         "(the --n-patches axis), so no run uses a rule; the row grid.md marks is "
+                         "the dataset rule's value. Use --rule-source dataset")
     config, specs = prepare(config, plan_grid, plot_check=import_pyplot)
     if config.group_size is None and config.batch and batchable(specs[0].arch):
         config = replace(config, group_size=auto_group_size(config, specs))
@@ -310,14 +334,21 @@ def run_grid(config: GridConfig, *, log: Callable[[str], None] | None = None,
     Raises what :func:`.reproduce.reproduce` raises."""
     config, specs = prepare_grid(config)
     if config.rule_n_patches is None:
-        config = replace(config, rule_n_patches=rule_n_patches(config))
+        ds = config.datasets[0]
+        rule = grid_rule(config)
+        config = replace(config, rule_n_patches=rule["n_patches"],
+                         dataset_rules={**config.dataset_rules, ds: rule})
     return execute(config, specs, OUTPUTS, log=log, after_run=after_run)
 
 
-def rule_n_patches(config: GridConfig) -> int:
-    """The n_patches the paper's rule gives on the grid's dataset (Table 1's statistic: eq. 5 from
-    the Otsu density of the whole training split, eq. 6 for colour), for SimpleCNN's F = 32."""
-    from .report import stats_row
+def grid_rule(config: GridConfig) -> dict[str, Any]:
+    """The paper's rule on the grid's dataset (:func:`.report.dataset_rule`: eq. 5 from the Otsu
+    density of the whole training split, eq. 6 for colour) with its ``n_patches`` for the
+    default Pre-Warm arm's F (SimpleCNN: 32), the value ``grid.md`` marks."""
+    _, rule = rule_of(config, config.datasets[0], Arm(METHOD))
+    return rule
 
-    return int(stats_row(config.datasets[0], data_dir=config.data_dir, download=config.download,
-                         device=config.device)["n_patches"])
+
+def rule_n_patches(config: GridConfig) -> int:
+    """The n_patches the paper's rule gives on the grid's dataset (:func:`grid_rule`)."""
+    return int(grid_rule(config)["n_patches"])

@@ -69,6 +69,10 @@ class SweepConfig:
     group_size: int | None = None  # most runs trained together (None: all of an architecture)
     executor: str = "local"  # local (this process) | ray (groups as Ray tasks; optional extra)
     ray_address: str | None = None  # ray.init(address=…): None starts a local Ray, or "auto"
+    schedule_steps: int | None = None  # T of the cosine schedule (None: steps); >= steps
+    rule_source: str = "dataset"  # Pre-Warm's n_patches rule: dataset (§3.4) | batch (per seed)
+    dataset_rules: dict[str, dict[str, Any]] = field(default_factory=dict)  # dataset → its rule
+    # (report.dataset_rule), filled by prepare when rule_source is "dataset"
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -82,6 +86,7 @@ class SweepConfig:
             loss_points=self.loss_points,
             aux_weight=self.aux_weight,
             target_loss=self.target_loss,
+            schedule_steps=self.schedule_steps,
         )
 
 
@@ -99,6 +104,9 @@ class RunSpec:
     channels_last: bool
     precision: str = "fp32"
     baseline: str = "torch-default"  # models.BASELINES: the weights both arms start from
+    # Where a Pre-Warm arm's n_patches came from (:func:`rule_of`; None: given by the user, or not
+    # Pre-Warm). Not in :attr:`config`: with the dataset rule, ``options`` holds the value itself.
+    rule: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -107,6 +115,8 @@ class RunSpec:
         t = asdict(self.train)
         for k in ("target_loss", "eval_batch_size"):
             t.pop(k)
+        if t["schedule_steps"] in (None, t["steps"]):  # T = N: the key of every run before T
+            t.pop("schedule_steps")
         config = {"dataset": self.dataset, "arch": self.arch, "init": self.init,
                   "options": jsonable(dict(self.options)), "train": t,
                   "device_type": self.device_type, "channels_last": self.channels_last,
@@ -197,6 +207,84 @@ def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
     parse_every(config.checkpoint_every)  # ValueError now, not after the first run
     if config.baseline not in BASELINES:
         raise ValueError(f"--baseline must be one of {BASELINES}, got {config.baseline!r}")
+    if config.rule_source not in RULE_SOURCES:
+        raise ValueError(f"--rule-source must be one of {RULE_SOURCES}, got "
+                         f"{config.rule_source!r}")
+
+
+RULE_SOURCES = ("dataset", "batch")
+RULE_INIT = "prewarm"  # the initialiser whose n_patches="auto" the rule source decides
+
+
+def needs_rule(arm: Arm) -> bool:
+    """A Pre-Warm arm whose n_patches the user did not give: the paper's rule (eq. 5/6) sets it."""
+    return arm.init == RULE_INIT and "n_patches" not in dict(arm.options)
+
+
+@functools.cache
+def target_filters(arch: str, in_channels: int, image_size: tuple[int, int],
+                   layer: str | None) -> int:
+    """F of eq. 5/6: out_channels of the conv Pre-Warm targets in ``arch`` (as
+    prewarm_gpu.layers.find_conv picks it), probed once on a CPU instance built under a
+    forked RNG (nothing leaks)."""
+    from ..layers import find_conv
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch, in_channels=in_channels, n_classes=2, image_size=image_size)
+    return find_conv(model, in_channels, layer)[1].out_channels
+
+
+def rule_n_patches(rule: dict[str, Any], n_filters: int) -> int:
+    """Eq. 5 (grayscale, ``rule["rule"] == "otsu"``) or eq. 6 (colour) on a dataset's statistic."""
+    from .. import rules
+
+    if rule["rule"] == "otsu":
+        return rules.n_patches_grayscale(rule["statistic"], n_filters)
+    return rules.n_patches_color(rule["statistic"], n_filters)
+
+
+def rule_text(rule: dict[str, Any] | None) -> str:
+    """How a Pre-Warm arm's n_patches was chosen, for records and captions: "n_patches 22 from the
+    dataset rule (Otsu τ* = 0.3809, d = 0.3602)"."""
+    if rule is None:
+        return "n_patches given"
+    if rule["source"] == "batch":
+        return ("n_patches from each seed's first training batch (eq. 5/6 on that batch; "
+                "--rule-source batch)")
+    stat = (f"Otsu τ* = {rule['otsu_threshold']:.4f}, d = {rule['statistic']:.4f}"
+            if rule["rule"] == "otsu" else f"eq. 6, mean ‖p̃‖₂ = {rule['statistic']:.4f}")
+    n = rule.get("n_patches")
+    return f"n_patches {'' if n is None else f'{n} '}from the dataset rule ({stat})"
+
+
+def rule_of(config: SweepConfig, dataset: str, arm: Arm) -> tuple[Arm, dict[str, Any] | None]:
+    """``arm`` with the n_patches the rule source gives it on ``dataset``, and the rule's record.
+
+    With ``rule_source="dataset"`` (the paper's §3.4: n_patches "from dataset statistics", one
+    value per dataset in Table 1) the statistic is the whole raw training split's
+    (``config.dataset_rules[dataset]``, filled by :func:`.run.prepare`; computed here when
+    missing) and the value becomes an explicit option, so the run's key says it. With ``"batch"``
+    the arm is unchanged: ``n_patches="auto"`` on each seed's first batch."""
+    if not needs_rule(arm):
+        return arm, None
+    if config.rule_source == "batch":
+        return arm, {"source": "batch"}
+    rule = config.dataset_rules.get(dataset)
+    if rule is None:
+        rule = _load_rules(config, [dataset])[dataset]
+    s = DATASETS[dataset]
+    opts = dict(arm.options)
+    n = rule_n_patches(rule, target_filters(arch_of(arm.init), s.in_channels, s.image_size,
+                                            opts.get("layer")))
+    return Arm.of(arm.init, {**opts, "n_patches": n}), {**rule, "n_patches": n}
+
+
+def _load_rules(config: SweepConfig, datasets: list[str]) -> dict[str, dict[str, Any]]:
+    from ..data import load_dataset
+    from .report import dataset_rule
+
+    return {ds: dataset_rule(load_dataset(ds, data_dir=config.data_dir, download=config.download,
+                                          device=config.device)) for ds in datasets}
 
 
 def plan_runs(config: SweepConfig, arms: list[Arm] | None = None) -> list[RunSpec]:
@@ -213,14 +301,15 @@ def plan_runs(config: SweepConfig, arms: list[Arm] | None = None) -> list[RunSpe
     specs = []
     for ds in config.datasets:
         tc = config.train_config(ds)
+        ruled = [rule_of(config, ds, arm) for arm in arms]  # one rule per dataset, every seed
         for seed in config.seeds:
             for arch in archs:
                 specs.append(RunSpec(ds, arch, BASELINE, seed, (), tc, dev,
                                      _channels_last(config, arch), config.precision,
                                      config.baseline))
-            for arm in arms:
+            for arm, rule in ruled:
                 arch = arch_of(arm.init)
                 specs.append(RunSpec(ds, arch, arm.init, seed, arm.options, tc, dev,
                                      _channels_last(config, arch), config.precision,
-                                     config.baseline))
+                                     config.baseline, rule))
     return specs

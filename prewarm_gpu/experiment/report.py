@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,23 @@ import numpy as np
 import torch
 
 from .. import rules
-from ..data import DATASETS, load_dataset
+from ..data import DATASETS, ImageData, load_dataset
 from ..models import fc_dim
 from ..stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
 from ..train import steps_to_target
 from .jsonable import jsonable
-from .plan import BASELINE, DEFAULT_ARCH, RunSpec, SweepConfig, arch_of, methods_of
+from .plan import (
+    BASELINE,
+    DEFAULT_ARCH,
+    RunSpec,
+    SweepConfig,
+    arch_of,
+    arms_of,
+    methods_of,
+    needs_rule,
+    rule_of,
+    rule_text,
+)
 from .records import SUMMARY, TABLE, latest_by_key, write_atomic
 
 
@@ -64,6 +75,10 @@ def summarise(config: SweepConfig, specs: Sequence[RunSpec],
     return out
 
 
+# The paper's Table 3 Δacc (Pre-Warm − Kaiming, 8 seeds): the effect each row's power is for.
+PAPER_DELTA_ACC = {"mnist": 0.0005, "fashion-mnist": 0.0016, "cifar10": 0.0023, "svhn": 0.0048,
+                   "cifar100": 0.0068}
+
 BASELINE_NAMES = {
     "torch-default": "PyTorch's default init, kaiming_uniform_(a=√5): std 1/√(3·fan_in)",
     "he-normal": "He et al. 2015 normal: std √(2/fan_in), biases 0",
@@ -75,9 +90,24 @@ def _protocol(config: SweepConfig, ds: str) -> dict[str, Any]:
     """What a reader needs to know a table's numbers came from: steps, seeds, precision, device,
     baseline (the table's caption)."""
     tc = config.train_config(ds)
-    return {"steps": tc.steps, "batch_size": tc.batch_size, "lr": [tc.lr_start, tc.lr_end],
-            "seeds": list(config.seeds), "precision": config.precision,
-            "device": str(config.device), "baseline": config.baseline}
+    p = {"steps": tc.steps, "batch_size": tc.batch_size, "lr": [tc.lr_start, tc.lr_end],
+         "seeds": list(config.seeds), "precision": config.precision,
+         "device": str(config.device), "baseline": config.baseline}
+    if tc.t_max != tc.steps:
+        p["schedule_steps"] = tc.t_max
+    ruled = [rule for arm in arms_of(config) if needs_rule(arm)
+             for _, rule in [rule_of(config, ds, arm)]]
+    if ruled:
+        p["rule"] = ruled[0]
+    return p
+
+
+def _schedule_text(p: dict[str, Any]) -> str:
+    """Which reading of "the result at N steps": the end of an N-step cosine schedule, or step N
+    of a longer one (``--schedule-steps``)."""
+    t = p.get("schedule_steps")
+    return (f"accuracy at step {p['steps']} of a {p['steps']}-step cosine schedule" if t is None
+            else f"accuracy at step {p['steps']} of the {t}-step cosine schedule (stopped early)")
 
 
 def _caption(title: str, p: dict[str, Any]) -> str:
@@ -85,7 +115,8 @@ def _caption(title: str, p: dict[str, Any]) -> str:
     return (f"{title}: {p['steps']} steps, batch {p['batch_size']}, lr {p['lr'][0]:g}→"
             f"{p['lr'][1]:g}, {len(p['seeds'])} seeds ({seeds}), {p['precision']}, device "
             f"{p['device']}; \"Kaiming\" is the baseline {p['baseline']} "
-            f"({BASELINE_NAMES[p['baseline']]}).")
+            f"({BASELINE_NAMES[p['baseline']]}); {_schedule_text(p)}"
+            + (f"; Pre-Warm's {rule_text(p['rule'])}" if p.get("rule") else "") + ".")
 
 
 def _method_summary(config, specs, by_key, method) -> dict[str, Any]:
@@ -125,13 +156,19 @@ def render_tables(summary: dict[str, Any]) -> str:
     """Table 3 (Markdown) and the convergence table, with footnotes."""
     rows, conv, notes, captions = [], [], [], []
     target = None
-    for entry in summary["datasets"].values():
+    deltas: list[float | None] = []
+    for ds, entry in summary["datasets"].items():
         if "protocol" in entry:
             captions.append(_caption(entry["title"], entry["protocol"]))
         for m, ms in entry["methods"].items():
             arch = "" if ms["arch"] == DEFAULT_ARCH else f" ({ms['arch']})"
             if ms["stats"] is not None:
-                rows.append((entry["title"], m + arch, _stats_of(ms["stats"])))
+                st = _stats_of(ms["stats"])
+                if "diff_std" not in ms["stats"] and st.n >= 2:  # a summary.json from before
+                    d = np.subtract(ms["method_acc"], ms["kaiming_acc"])
+                    st = replace(st, diff_std=float(d.std(ddof=1)))
+                rows.append((entry["title"], m + arch, st))
+                deltas.append(PAPER_DELTA_ACC.get(ds))
             target = ms["target_loss"]
             k_steps = _mean_steps(ms["kaiming_steps_to_target"])
             m_steps = _mean_steps(ms["method_steps_to_target"])
@@ -141,7 +178,7 @@ def render_tables(summary: dict[str, Any]) -> str:
             notes.append(f"- failed: {f['run']}{step}: {f['error']}")
         if entry["missing"]:
             notes.append(f"- not run yet ({len(entry['missing'])}): {', '.join(entry['missing'])}")
-    parts = [table3_markdown(rows) if rows else "(no finished pairs yet)", "", *captions,
+    parts = [table3_markdown(rows, deltas) if rows else "(no finished pairs yet)", "", *captions,
              "",
              "Accuracy: final test accuracy, mean ± sample std (ddof=1) over seeds; Δacc: mean "
              "paired difference (method − Kaiming); Δerr% = −Δacc / (1 − mean Kaiming acc); p: "
@@ -150,7 +187,11 @@ def render_tables(summary: dict[str, Any]) -> str:
              "every paired difference equal); wins: seeds where the method is strictly ahead; "
              "Wilcoxon p: one-sided signed-rank test of the same pairs; 95 % CI Δacc: paired "
              "bootstrap (BCa, 9999 resamples, fixed seed; n ≥ 3); p (Holm): the t-test's p "
-             "adjusted across this table's datasets, per method."]
+             "adjusted across this table's datasets, per method; power at paper Δ: the "
+             "probability that this test (one-sided α 0.05, n pairs) detects the paper's Table 3 "
+             "Δacc for the dataset if it were the true effect, from the observed SD of the paired "
+             "differences (noncentral t); MDΔ 80 %: the smallest true Δacc detected with 80 % "
+             "power (not t·SD/√n, which has power ≈ 0.5)."]
     if conv:
         parts += ["", f"| Dataset | Method | steps to loss < {target:g}, Kaiming | method |",
                   "| --- | --- | ---: | ---: |", *conv, "",
@@ -197,6 +238,39 @@ def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
     return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
 
 
+def rule_statistics(data: ImageData, *, otsu: bool = True,
+                    patch_norm: bool = True) -> dict[str, float | None]:
+    """The statistics of Pre-Warm's rules over the whole raw training split, in chunks: Otsu τ*
+    and the foreground density d (eq. 4-5), and the mean 3×3 patch norm (eq. 6); a statistic not
+    asked for is None. Fashion-MNIST: τ* 0.3809, d 0.3602 (≈ 1 s on one CPU thread)."""
+    # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
+    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
+    tau = d = norm = None
+    if otsu:
+        tau = rules.otsu_threshold(chunks, nbins=256)
+        d = rules.foreground_density(chunks, threshold=tau)
+    if patch_norm:
+        norm = rules.mean_patch_norm(chunks, 3)
+    return {"otsu_tau": tau, "d": d, "mean_patch_norm": norm}
+
+
+def dataset_rule(data: ImageData) -> dict[str, Any]:
+    """The rule of §3.4 on ``data``'s whole training split: ``{"source": "dataset", "rule":
+    "otsu" | "patch_norm", "statistic": d or mean ‖p̃‖₂, "otsu_threshold": τ* or None}`` (eq. 5
+    for one channel, eq. 6 for more, as :func:`prewarm_gpu.prewarm_`'s ``n_patches="auto"``);
+    :func:`.plan.rule_n_patches` turns it into n_patches for a layer's F. Computed once per
+    loaded dataset (kept on the data object)."""
+    cached = data.__dict__.get("_dataset_rule")
+    if cached is None:
+        gray = data.spec.in_channels == 1
+        st = rule_statistics(data, otsu=gray, patch_norm=not gray)
+        cached = {"source": "dataset", "rule": "otsu" if gray else "patch_norm",
+                  "statistic": st["d"] if gray else st["mean_patch_norm"],
+                  "otsu_threshold": st["otsu_tau"]}
+        data.__dict__["_dataset_rule"] = cached
+    return dict(cached)
+
+
 def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
               n_filters: int = 32, log=None) -> dict[str, Any]:
     """Table 1's derived quantities for one dataset, over its whole training split."""
@@ -204,11 +278,8 @@ def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
     if data.source is not None and log is not None:
         log(f"{data.spec.name}: read from {data.source}")
     s = data.spec
-    # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
-    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
-    tau = rules.otsu_threshold(chunks, nbins=256)
-    d = rules.foreground_density(chunks, threshold=tau)
-    norm = rules.mean_patch_norm(chunks, 3)
+    st = rule_statistics(data)
+    tau, d, norm = st["otsu_tau"], st["d"], st["mean_patch_norm"]
     gray = s.in_channels == 1
     n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
                  else rules.n_patches_color(norm, n_filters))

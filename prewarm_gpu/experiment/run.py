@@ -26,7 +26,7 @@ from ..checks import is_int
 from ..data import ImageData, canonical_name, load_dataset, locate
 from ..train import TrainResult, train
 from .arms import build_arm
-from .plan import RunSpec, SweepConfig, batchable
+from .plan import RunSpec, SweepConfig, batchable, needs_rule
 from .records import (
     CHECKPOINTS,
     LOCK,
@@ -327,13 +327,31 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
         from .ray_executor import import_ray
 
         import_ray()  # ImportError naming the extra, before any work
-    specs = plan(config)
+    specs = plan(replace(config, rule_source="batch"))  # every check that reads no data
     _check_out(config)
     if config.plot and plot_check is not None:
         plot_check()  # fail now, not after training
     _check_data(config)
     _check_writable(config.out)
-    return config, specs
+    config = with_dataset_rules(config, specs)
+    return config, plan(config)
+
+
+def with_dataset_rules(config: SweepConfig, specs: Sequence[RunSpec]) -> SweepConfig:
+    """``config`` with ``dataset_rules`` filled (:func:`.report.dataset_rule`, the whole training
+    split) for each dataset that has a Pre-Warm arm without n_patches, when ``rule_source`` is
+    "dataset": one load and one pass over each dataset, before any training."""
+    from .report import dataset_rule
+
+    if config.rule_source != "dataset":
+        return config
+    todo = [ds for ds in config.datasets if ds not in config.dataset_rules
+            and any(s.dataset == ds and needs_rule(s.arm) for s in specs)]
+    rules = dict(config.dataset_rules)
+    for ds in todo:
+        rules[ds] = dataset_rule(load_dataset(ds, data_dir=config.data_dir,
+                                              download=config.download, device=config.device))
+    return replace(config, dataset_rules=rules)
 
 
 def execute(config: SweepConfig, specs: list[RunSpec], outputs: Outputs, *,
@@ -359,14 +377,17 @@ def run_group(config: SweepConfig, group: Sequence[RunSpec], data: ImageData,
     """Train one group of runs (the unit an executor runs: :func:`run_batch` for several, else
     :func:`run_one`); their records, in order, without the environment."""
     if len(group) > 1:
-        return run_batch(group, data, progress=progress, backend=config.backend,
-                         save_dir=config.out if config.save_models else None,
-                         checkpoint=checkpoint)
-    spec = group[0]
-    rec = run_one(spec, data, progress=progress, checkpoint=checkpoint,
-                  save_to=model_path(config.out, spec) if config.save_models else None)
-    rec["trainer"] = "single"
-    return [rec]
+        records = run_batch(group, data, progress=progress, backend=config.backend,
+                            save_dir=config.out if config.save_models else None,
+                            checkpoint=checkpoint)
+    else:
+        spec = group[0]
+        records = [run_one(spec, data, progress=progress, checkpoint=checkpoint,
+                           save_to=model_path(config.out, spec) if config.save_models else None)]
+        records[0]["trainer"] = "single"
+    for rec in records:  # which data the run saw, so two folders can be shown to share it
+        rec["data_fingerprint"] = data.fingerprint
+    return records
 
 
 class LocalExecutor:
