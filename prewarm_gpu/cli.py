@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -56,18 +57,73 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _real(lo: float | None = None, *, above: bool = False):
+    """argparse type: a finite float, ``>= lo`` (``> lo`` with ``above``); NaN and ±Inf are
+    refused here, before any training, not by the JSON writer after it (issue 30)."""
+    bound = "" if lo is None else f" {'>' if above else '>='} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if above
+                                                            else value < lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "finite number"  # argparse names the type in some messages
+    return parse
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes, as an unsigned 64-bit int
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed ``torch.Generator.manual_seed`` takes, in [0, 2**64 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: a seed must be an "
+                                         f"integer in [0, 2**64 - 1]")
+    return value
+
+
 def _datasets(names: list[str]) -> list[str]:
     if any(n.lower() == "all" for n in names):
         return list(PAPER_DATASETS)
     return list(dict.fromkeys(canonical_name(n) for n in names))
 
 
+def _finite(x: Any) -> bool:
+    """No NaN or ±Inf anywhere in a parsed JSON value."""
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    return True
+
+
 def _value(text: str) -> Any:
-    """A CLI option value: JSON (numbers, true/false/null, lists) if it parses, else a string."""
+    """A CLI option value: JSON (numbers, true/false/null, lists) if it parses, else a string.
+    A non-finite number (``NaN``, ``inf``, ``1e999``) is a ``ValueError``: no initialiser takes
+    one, and it would only fail the runs after the Kaiming runs trained."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError:
-        return text
+        try:
+            value = float(text)  # "nan", "inf", "-Infinity": strings to JSON, numbers to Python
+        except ValueError:
+            return text
+        if math.isfinite(value):
+            return text
+    if not _finite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -79,17 +135,21 @@ def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
         if not (sep and dot and name and key):
             raise ValueError(f"--init-option expects NAME.KEY=VALUE (e.g. prewarm.scale=0.25), "
                              f"got {item!r}")
-        out.setdefault(name, {})[key] = _value(value)
+        try:
+            out.setdefault(name, {})[key] = _value(value)
+        except ValueError as e:
+            raise ValueError(f"--init-option {item}: {e}") from None
     return out
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments ``reproduce`` and ``grid`` share (the sweep engine's)."""
-    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
-                   help="default: the paper's 42 7 13 99 2025 1 8 21")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=None, metavar="S",
+                   help="default: the paper's 42 7 13 99 2025 1 8 21 (each in [0, 2**64 - 1])")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
-    p.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
-    p.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
+    p.add_argument("--lr-start", type=_real(0, above=True),
+                   help="η_start > 0 (default: Table 1's, per dataset)")
+    p.add_argument("--lr-end", type=_real(0), help="η_end >= 0 (default: Table 1's, per dataset)")
     p.add_argument("--device", default=_default_device(),
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=_positive_int,
@@ -165,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank", metavar="FILE", help="filter bank for 'filterbank' (option bank=FILE)")
     r.add_argument("--steps", type=_positive_int, help="training steps N (default: Table 1's 5000; "
                    "digits: 150)")
-    r.add_argument("--aux-weight", type=float, default=0.3,
-                   help="weight of auxiliary-head losses, for models that have them (0.3)")
-    r.add_argument("--target-loss", type=float, default=0.5,
-                   help="report the steps until the training loss falls below this (0.5)")
+    r.add_argument("--aux-weight", type=_real(0), default=0.3,
+                   help="weight >= 0 of auxiliary-head losses, for models that have them (0.3)")
+    r.add_argument("--target-loss", type=_real(0, above=True), default=0.5,
+                   help="report the steps until the training loss falls below this, > 0 (0.5)")
     r.add_argument("--eval-points", type=_positive_int, default=10,
                    help="test-accuracy points per run, for the curves (10)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
@@ -190,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {names} (default: fashion-mnist, the paper's)")
     for axis, values in PAPER_GRID.items():
         g.add_argument(f"--{axis.replace('_', '-')}", nargs="+",
-                       type=float if axis == "scale" else _positive_int, metavar="V",
+                       type=_real() if axis == "scale" else _positive_int, metavar="V",
                        default=list(values),
                        help=f"default: the paper's {' '.join(map(str, values))}")
     g.add_argument("--metric", choices=METRICS, default="loss",
@@ -233,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", choices=["euclidean", "fourier"], default="euclidean",
                    help="cluster kernels as they are, or the real part of their 2-D FFT "
                    "(their code's 'fourier': point-symmetric centres)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0, help="k-means seed, in [0, 2**64 - 1] (0)")
     b.add_argument("--device", default="cpu")
     return p
 
