@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
+from .data import (
+    DATASETS,
+    PAPER_DATASETS,
+    DatasetInvalidError,
+    DatasetNotFoundError,
+    canonical_name,
+)
 
 __all__ = ["main", "build_parser", "parse_init_options"]
 
@@ -462,12 +468,12 @@ def _prepare(args: argparse.Namespace):
                              f"init={args.init!r}); run reproduce --save-models first")
         return lambda: _filterbank(args)
     if args.command == "stats":
-        from .data import locate
+        from .data import check_dataset
 
         names = _datasets(args.dataset)
         if not args.download:
             for n in names:
-                locate(n, args.data_dir)
+                check_dataset(n, args.data_dir)
         return lambda: _stats(args)
     if args.command == "grid":
         from .experiment.grid import prepare_grid
@@ -487,7 +493,7 @@ def _user_errors():
     from .experiment.ray_executor import ExecutorUnavailableError
 
     return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError,
-            SweepLockedError, ExecutorUnavailableError)
+            DatasetInvalidError, SweepLockedError, ExecutorUnavailableError)
 
 
 def _error(e: BaseException, code: int = 2) -> int:

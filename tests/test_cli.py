@@ -325,3 +325,43 @@ def test_the_largest_seed_is_accepted_and_the_api_refuses_the_next(tmp_path):
     with pytest.raises(ValueError, match=r"seeds must be ints in \[0, 2\*\*64 - 1\], got "
                                          r"\[18446744073709551616\]"):
         plan_runs(SweepConfig(seeds=[1, 2**64]))
+
+
+@pytest.mark.parametrize("fault", ["fewer labels", "27x29 images", "label 200", "bad magic"])
+@pytest.mark.parametrize("command", ["reproduce", "stats"])
+def test_inconsistent_dataset_files_are_exit_2_naming_the_file(tmp_path, capsys, command, fault):
+    from tests.test_data import _idx
+
+    data = tmp_path / "data"
+    arrays = write_mnist(data, None)
+    x, y = arrays["train"]
+    labels, images = data / "train-labels-idx1-ubyte", data / "train-images-idx3-ubyte"
+    if fault == "fewer labels":
+        labels.write_bytes(_idx(y[:-1]))
+        bad, says = labels, "holds 11 labels but"
+    elif fault == "27x29 images":
+        images.write_bytes(_idx(np.zeros((len(x), 27, 29), np.uint8)))
+        bad, says = images, "27×29"
+    elif fault == "label 200":
+        labels.write_bytes(_idx(np.r_[y[:-1], 200].astype(np.uint8)))
+        bad, says = labels, "label 200"
+    else:
+        images.write_bytes(b"\x00\x00\x09\x03" + images.read_bytes()[4:])
+        bad, says = images, "magic number 0x00000903"
+    out = tmp_path / "o"
+    argv = ["--dataset", "mnist", "--data-dir", str(data)]
+    if command == "reproduce":
+        argv += ["--seeds", "42", "--out", str(out), *FAST]
+    code = cli.main([command, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and says in err, err
+    assert "Traceback" not in err and "not found" not in err and "internal error" not in err
+    assert not out.exists()  # refused before any training
+
+
+def test_stats_on_all_zero_images_is_exit_2_naming_the_file(tmp_path, capsys):
+    write_mnist(tmp_path, None, images=np.zeros((4, 28, 28), np.uint8))
+    code = cli.main(["stats", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "train-images-idx3-ubyte") in err
+    assert "constant images" in err and "Traceback" not in err

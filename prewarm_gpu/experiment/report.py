@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import rules
-from ..data import DATASETS, load_dataset
+from ..data import DATASETS, DatasetInvalidError, load_dataset
 from ..models import fc_dim
 from ..stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
 from ..train import steps_to_target
@@ -206,12 +206,17 @@ def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
     s = data.spec
     # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
     chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
-    tau = rules.otsu_threshold(chunks, nbins=256)
-    d = rules.foreground_density(chunks, threshold=tau)
-    norm = rules.mean_patch_norm(chunks, 3)
     gray = s.in_channels == 1
-    n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
-                 else rules.n_patches_color(norm, n_filters))
+    try:
+        tau = rules.otsu_threshold(chunks, nbins=256)
+        d = rules.foreground_density(chunks, threshold=tau)
+        norm = rules.mean_patch_norm(chunks, 3)
+        n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
+                     else rules.n_patches_color(norm, n_filters))
+    except ValueError as e:  # the rules refuse these images (all zero, constant): bad data
+        where = data.files[0] if data.files else "the bundled images"
+        raise DatasetInvalidError(f"{s.name} training images ({where}): Table 1's statistics "
+                                  f"are undefined for them: {e}") from e
     return {"dataset": s.title, "in_channels": s.in_channels,
             "image": f"{s.image_size[0]}×{s.image_size[1]}", "fc_dim": fc_dim(s.image_size),
             "lr": f"{s.lr_start:g}→{s.lr_end:g}", "otsu_tau": tau, "d": d, "mean_patch_norm": norm,

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..checkpoint import Checkpointer, parse_every
 from ..checks import is_int
-from ..data import ImageData, canonical_name, load_dataset, locate
+from ..data import ImageData, canonical_name, check_dataset, load_dataset
 from ..train import TrainResult, train
 from .arms import build_arm
 from .plan import RunSpec, SweepConfig, batchable
@@ -284,7 +284,8 @@ def _check_data(config: SweepConfig) -> None:
     if config.download:
         return
     for ds in config.datasets:
-        locate(ds, config.data_dir)  # raises, naming every place looked at (digits: no files)
+        # raises, naming every place looked at (digits: no files), or the bad file and its fault
+        check_dataset(ds, config.data_dir)
 
 
 def _progress_bar(total: int, enabled: bool):
