@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -304,14 +305,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_bank_out(out: Path) -> None:
+    """``filterbank build --out``: its folder can be created and written (a probe file), or a
+    :class:`~.experiment.ResultsWriteError` (exit 4) before any clustering."""
+    from .experiment import ResultsWriteError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ResultsWriteError(f"--out {out}: its folder cannot be written "
+                                f"({e.strerror or e}); nothing was clustered") from e
+
+
 def _filterbank(args: argparse.Namespace) -> int:
+    from .experiment import ResultsWriteError
     from .methods.filterbank import build_bank_from_runs, save_bank
 
     bank = build_bank_from_runs(args.runs, dataset=args.dataset, init=args.init,
                                 n_clusters=args.n_clusters, variant=args.variant,
                                 generator=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_bank(bank, args.out)
+    try:
+        save_bank(bank, args.out)
+    except OSError as e:
+        raise ResultsWriteError(f"--out {args.out}: {e}") from e
     print(f"bank of {len(bank['sources'])} models, variant {args.variant}, "
           f"{args.n_clusters} clusters per layer: {args.out}")
     return 0
@@ -461,11 +479,20 @@ def _prepare(args: argparse.Namespace):
         check_device(args.device)
     if args.command == "filterbank":
         from .experiment.records import trained_models
+        from .methods.filterbank import pool_kernels
 
-        if not trained_models(args.runs, args.dataset, args.init):
+        files = trained_models(args.runs, args.dataset, args.init)
+        if not files:
             raise UsageError(f"no trained models in {args.runs / 'models'} (looked for "
                              f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
                              f"init={args.init!r}); run reproduce --save-models first")
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a folder; give the bank file to write")
+        _check_bank_out(args.out)  # exit 4, before any clustering
+        try:  # every check build_bank makes before clustering: a bad file, too many clusters
+            pool_kernels(files, n_clusters=args.n_clusters)
+        except OSError as e:
+            raise UsageError(f"--runs {args.runs}: cannot read a model file ({e})") from e
         return lambda: _filterbank(args)
     if args.command == "stats":
         from .data import check_dataset
@@ -483,9 +510,30 @@ def _prepare(args: argparse.Namespace):
         return lambda: _grid(config)
     from .experiment import prepare_sweep
 
-    config, _ = prepare_sweep(_sweep_config(args))
+    sweep = _sweep_config(args)
+    _check_bank_option(sweep)
+    config, _ = prepare_sweep(sweep)
     args.out = config.out
     return lambda: _reproduce(args, config)
+
+
+def _check_bank_option(config) -> None:
+    """``--init filterbank`` needs a bank (``--bank FILE``), readable and a bank: checked now,
+    not when the first filterbank run starts (after the Kaiming runs trained)."""
+    if "filterbank" not in config.inits:
+        return
+    from .methods.filterbank import load_bank
+
+    bank = config.init_options.get("filterbank", {}).get("bank")
+    if bank is None:
+        raise UsageError("--init filterbank needs --bank FILE, a bank from `prewarm-gpu "
+                         "filterbank build`")
+    if isinstance(bank, str):
+        try:
+            load_bank(bank)
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise UsageError(f"--bank {bank}: {reason}") from None
 
 
 def _user_errors():
