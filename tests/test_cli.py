@@ -365,3 +365,28 @@ def test_stats_on_all_zero_images_is_exit_2_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "train-images-idx3-ubyte") in err
     assert "constant images" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_folder_another_live_sweep_holds_names_its_pid_not_nothing_to_resume(tmp_path, capsys,
+                                                                              resume):
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = ("import sys; from pathlib import Path; from prewarm_gpu.experiment.run import "
+              "sweep_lock\nwith sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
+              "    sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "held"  # a sweep that has written nothing yet
+        code = cli.main(["reproduce", "--seeds", "42", "--out", str(out), *FAST,
+                         *(["--resume"] if resume else [])])
+        err = capsys.readouterr().err
+        assert code == 2 and f"is in use by another prewarm-gpu (pid {proc.pid})" in err, err
+        assert "nothing to resume" not in err
+    finally:
+        proc.communicate("", timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing trained or written
+    assert cli.main(["reproduce", "--resume", "--out", str(out), *FAST]) == 2  # lock released:
+    assert "nothing to resume" in capsys.readouterr().err  # now it is the folder's state
