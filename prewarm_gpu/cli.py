@@ -9,7 +9,8 @@ Usage::
     prewarm-gpu stats --dataset mnist --data-dir data   # Table 1's derived quantities
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
-2 bad arguments (checked before any training), missing data, an unavailable device, results
+2 bad arguments (checked before any training), missing or bad data files, a ``--bank`` that is
+not a bank, an unavailable device, results
 already in ``--out`` without ``--resume``, ``--resume`` with nothing to resume, or ``--out`` in
 use by another sweep; 3 an internal error (a bug: its traceback is printed; finished runs are
 kept); 4 ``--out`` not writable or full (before training: nothing trained; later: every record
