@@ -91,7 +91,11 @@ def _arm_name(spec: RunSpec) -> str:
 def check_arms(specs: Sequence[RunSpec], device: str | torch.device) -> None:
     """Every distinct arm of ``specs`` (per dataset and architecture) through its initialiser's
     data-free checks (:data:`CHECKS`); a ``ValueError`` naming the arm (the grid's cell) and
-    what is wrong, before any run trains."""
+    what is wrong, before any run trains. ``device``: whose free memory bounds the patch matrix
+    (``"meta"``, or a CUDA device this process cannot see: not checked)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("meta")  # _check_memory knows no free memory there: skipped
     models: dict[tuple[str, str], nn.Module] = {}
     seen = set()
     for s in specs:

@@ -363,7 +363,9 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
     if not config.report_only:
         from .precheck import check_arms
 
-        check_arms(specs, config.device)  # a cell that can never run: now, not after Kaiming's
+        # a cell that can never run: now, not after Kaiming's. The memory check is of this
+        # process's device: not where Ray's workers train.
+        check_arms(specs, "meta" if config.executor == "ray" else config.device)
     _check_out(config)
     if config.plot and plot_check is not None:
         plot_check()  # fail now, not after training
