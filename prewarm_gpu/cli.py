@@ -10,7 +10,8 @@ Usage::
     prewarm-gpu report --pool runs/cpu runs/h100   # replications pooled by seed
 
 Exit status: 0 done; 1 some run failed (NaN/Inf loss or an error; see the table's notes);
-2 bad arguments (checked before any training), missing data, an unavailable device, results
+2 bad arguments (checked before any training), missing or bad data files, a ``--bank`` that is
+not a bank, an unavailable device, results
 already in ``--out`` without ``--resume``, ``--resume`` with nothing to resume, or ``--out`` in
 use by another sweep; 3 an internal error (a bug: its traceback is printed; finished runs are
 kept); 4 ``--out`` not writable or full (before training: nothing trained; later: every record
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -32,7 +35,13 @@ from typing import Any
 import torch
 
 from .batched import BACKENDS
-from .data import DATASETS, PAPER_DATASETS, DatasetNotFoundError, canonical_name
+from .data import (
+    DATASETS,
+    PAPER_DATASETS,
+    DatasetInvalidError,
+    DatasetNotFoundError,
+    canonical_name,
+)
 
 __all__ = ["main", "build_parser", "parse_init_options"]
 
@@ -58,18 +67,73 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _real(lo: float | None = None, *, above: bool = False):
+    """argparse type: a finite float, ``>= lo`` (``> lo`` with ``above``); NaN and ±Inf are
+    refused here, before any training, not by the JSON writer after it (issue 30)."""
+    bound = "" if lo is None else f" {'>' if above else '>='} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (lo is not None and (value <= lo if above
+                                                            else value < lo)):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "finite number"  # argparse names the type in some messages
+    return parse
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes, as an unsigned 64-bit int
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed ``torch.Generator.manual_seed`` takes, in [0, 2**64 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: a seed must be an "
+                                         f"integer in [0, 2**64 - 1]")
+    return value
+
+
 def _datasets(names: list[str]) -> list[str]:
     if any(n.lower() == "all" for n in names):
         return list(PAPER_DATASETS)
     return list(dict.fromkeys(canonical_name(n) for n in names))
 
 
+def _finite(x: Any) -> bool:
+    """No NaN or ±Inf anywhere in a parsed JSON value."""
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    return True
+
+
 def _value(text: str) -> Any:
-    """A CLI option value: JSON (numbers, true/false/null, lists) if it parses, else a string."""
+    """A CLI option value: JSON (numbers, true/false/null, lists) if it parses, else a string.
+    A non-finite number (``NaN``, ``inf``, ``1e999``) is a ``ValueError``: no initialiser takes
+    one, and it would only fail the runs after the Kaiming runs trained."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError:
-        return text
+        try:
+            value = float(text)  # "nan", "inf", "-Infinity": strings to JSON, numbers to Python
+        except ValueError:
+            return text
+        if math.isfinite(value):
+            return text
+    if not _finite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -81,17 +145,21 @@ def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
         if not (sep and dot and name and key):
             raise ValueError(f"--init-option expects NAME.KEY=VALUE (e.g. prewarm.scale=0.25), "
                              f"got {item!r}")
-        out.setdefault(name, {})[key] = _value(value)
+        try:
+            out.setdefault(name, {})[key] = _value(value)
+        except ValueError as e:
+            raise ValueError(f"--init-option {item}: {e}") from None
     return out
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments ``reproduce`` and ``grid`` share (the sweep engine's)."""
-    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
-                   help="default: the paper's 42 7 13 99 2025 1 8 21")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=None, metavar="S",
+                   help="default: the paper's 42 7 13 99 2025 1 8 21 (each in [0, 2**64 - 1])")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
-    p.add_argument("--lr-start", type=float, help="η_start (default: Table 1's, per dataset)")
-    p.add_argument("--lr-end", type=float, help="η_end (default: Table 1's, per dataset)")
+    p.add_argument("--lr-start", type=_real(0, above=True),
+                   help="η_start > 0 (default: Table 1's, per dataset)")
+    p.add_argument("--lr-end", type=_real(0), help="η_end >= 0 (default: Table 1's, per dataset)")
     p.add_argument("--device", default=_default_device(),
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=_positive_int,
@@ -177,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank", metavar="FILE", help="filter bank for 'filterbank' (option bank=FILE)")
     r.add_argument("--steps", type=_positive_int, help="training steps N (default: Table 1's 5000; "
                    "digits: 150)")
-    r.add_argument("--aux-weight", type=float, default=0.3,
-                   help="weight of auxiliary-head losses, for models that have them (0.3)")
-    r.add_argument("--target-loss", type=float, default=0.5,
-                   help="report the steps until the training loss falls below this (0.5)")
+    r.add_argument("--aux-weight", type=_real(0), default=0.3,
+                   help="weight >= 0 of auxiliary-head losses, for models that have them (0.3)")
+    r.add_argument("--target-loss", type=_real(0, above=True), default=0.5,
+                   help="report the steps until the training loss falls below this, > 0 (0.5)")
     r.add_argument("--eval-points", type=_positive_int, default=10,
                    help="test-accuracy points per run, for the curves (10)")
     r.add_argument("--out", type=Path, help="output folder (default: runs/<dataset>, "
@@ -202,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {names} (default: fashion-mnist, the paper's)")
     for axis, values in PAPER_GRID.items():
         g.add_argument(f"--{axis.replace('_', '-')}", nargs="+",
-                       type=float if axis == "scale" else _positive_int, metavar="V",
+                       type=_real() if axis == "scale" else _positive_int, metavar="V",
                        default=list(values),
                        help=f"default: the paper's {' '.join(map(str, values))}")
     g.add_argument("--metric", choices=METRICS, default="loss",
@@ -254,19 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", choices=["euclidean", "fourier"], default="euclidean",
                    help="cluster kernels as they are, or the real part of their 2-D FFT "
                    "(their code's 'fourier': point-symmetric centres)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0, help="k-means seed, in [0, 2**64 - 1] (0)")
     b.add_argument("--device", default="cpu")
     return p
 
 
+def _check_bank_out(out: Path) -> None:
+    """``filterbank build --out``: its folder can be created and written (a probe file), or a
+    :class:`~.experiment.ResultsWriteError` (exit 4) before any clustering."""
+    from .experiment import ResultsWriteError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ResultsWriteError(f"--out {out}: its folder cannot be written "
+                                f"({e.strerror or e}); nothing was clustered") from e
+
+
 def _filterbank(args: argparse.Namespace) -> int:
+    from .experiment import ResultsWriteError
     from .methods.filterbank import build_bank_from_runs, save_bank
 
     bank = build_bank_from_runs(args.runs, dataset=args.dataset, init=args.init,
                                 n_clusters=args.n_clusters, variant=args.variant,
                                 generator=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_bank(bank, args.out)
+    try:
+        save_bank(bank, args.out)
+    except OSError as e:
+        raise ResultsWriteError(f"--out {args.out}: {e}") from e
     print(f"bank of {len(bank['sources'])} models, variant {args.variant}, "
           f"{args.n_clusters} clusters per layer: {args.out}")
     return 0
@@ -418,11 +503,20 @@ def _prepare(args: argparse.Namespace):
         check_device(args.device)
     if args.command == "filterbank":
         from .experiment.records import trained_models
+        from .methods.filterbank import pool_kernels
 
-        if not trained_models(args.runs, args.dataset, args.init):
+        files = trained_models(args.runs, args.dataset, args.init)
+        if not files:
             raise UsageError(f"no trained models in {args.runs / 'models'} (looked for "
                              f"<dataset>-<init>-<seed>.pt, dataset={args.dataset!r}, "
                              f"init={args.init!r}); run reproduce --save-models first")
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a folder; give the bank file to write")
+        _check_bank_out(args.out)  # exit 4, before any clustering
+        try:  # every check build_bank makes before clustering: a bad file, too many clusters
+            pool_kernels(files, n_clusters=args.n_clusters)
+        except OSError as e:
+            raise UsageError(f"--runs {args.runs}: cannot read a model file ({e})") from e
         return lambda: _filterbank(args)
     if args.command == "report":
         from .experiment.pool import pool
@@ -430,12 +524,12 @@ def _prepare(args: argparse.Namespace):
         text = pool(args.pool)  # PoolError (a ValueError): exit 2 before printing anything
         return lambda: print(text) or 0
     if args.command == "stats":
-        from .data import locate
+        from .data import check_dataset
 
         names = _datasets(args.dataset)
         if not args.download:
             for n in names:
-                locate(n, args.data_dir)
+                check_dataset(n, args.data_dir)
         return lambda: _stats(args)
     if args.command == "grid":
         from .experiment.grid import prepare_grid
@@ -445,9 +539,30 @@ def _prepare(args: argparse.Namespace):
         return lambda: _grid(config)
     from .experiment import prepare_sweep
 
-    config, _ = prepare_sweep(_sweep_config(args))
+    sweep = _sweep_config(args)
+    _check_bank_option(sweep)
+    config, _ = prepare_sweep(sweep)
     args.out = config.out
     return lambda: _reproduce(args, config)
+
+
+def _check_bank_option(config) -> None:
+    """``--init filterbank`` needs a bank (``--bank FILE``), readable and a bank: checked now,
+    not when the first filterbank run starts (after the Kaiming runs trained)."""
+    if "filterbank" not in config.inits:
+        return
+    from .methods.filterbank import load_bank
+
+    bank = config.init_options.get("filterbank", {}).get("bank")
+    if bank is None:
+        raise UsageError("--init filterbank needs --bank FILE, a bank from `prewarm-gpu "
+                         "filterbank build`")
+    if isinstance(bank, str):
+        try:
+            load_bank(bank)
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise UsageError(f"--bank {bank}: {reason}") from None
 
 
 def _user_errors():
@@ -455,7 +570,7 @@ def _user_errors():
     from .experiment.ray_executor import ExecutorUnavailableError
 
     return (UsageError, ResultsExistError, NothingToResumeError, DatasetNotFoundError,
-            SweepLockedError, ExecutorUnavailableError)
+            DatasetInvalidError, SweepLockedError, ExecutorUnavailableError)
 
 
 def _error(e: BaseException, code: int = 2) -> int:

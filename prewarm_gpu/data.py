@@ -1,11 +1,12 @@
 """Datasets of the paper (§3.2, Table 1), held on the training device, and the seeded data order.
 
 `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
-(2026). MNIST, Fashion-MNIST, CIFAR-10, SVHN and CIFAR-100 are read with torchvision's own dataset
-classes from a data directory (downloaded only when asked); ``digits`` is scikit-learn's bundled 8×8
-handwritten digits (no download; the default). Each split is loaded once as a uint8 tensor on the
-device. Pixels are scaled to [0, 1] and standardised per channel with training-set statistics,
-batch by batch; the raw [0, 1] images stay available for Pre-Warm's rules.
+(2026). MNIST and Fashion-MNIST are read from their idx files (each checked against its header
+and the other files of its split); CIFAR-10, SVHN and CIFAR-100 with torchvision's own dataset
+classes, from a data directory (downloaded only when asked); ``digits`` is scikit-learn's
+bundled 8×8 handwritten digits (no download; the default). Each split is loaded once as a uint8
+tensor on the device. Pixels are scaled to [0, 1] and standardised per channel with training-set
+statistics, batch by batch; the raw [0, 1] images stay available for Pre-Warm's rules.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import math
 import os
-import shutil
-import tempfile
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,8 @@ __all__ = [
     "PAPER_DATASETS",
     "ImageData",
     "DatasetNotFoundError",
+    "DatasetInvalidError",
+    "check_dataset",
     "canonical_name",
     "expected_files",
     "find_files",
@@ -44,6 +48,13 @@ __all__ = [
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing from the data directory (and downloading was not allowed)."""
+
+
+class DatasetInvalidError(ValueError):
+    """A dataset's files are there but unusable: unreadable or corrupt, truncated, or
+    inconsistent (images and labels of different counts, images of the wrong size, a label out of
+    range), or without what a statistic needs (all-zero images for Otsu's rule). The message
+    names the file and what is wrong with it: bad data, not a bug and not a missing dataset."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class ImageData:
     mean: torch.Tensor = field(init=False)  # (C,) of the raw training images
     std: torch.Tensor = field(init=False)  # (C,)
     source: Path | None = field(default=None, init=False)  # the folder read (None: bundled)
+    files: list[Path] | None = field(default=None, init=False)  # the files read (None: bundled)
 
     def __post_init__(self) -> None:
         self.mean, self.std = _channel_stats(self.train_x, self.max_value)
@@ -235,7 +247,7 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     raise _not_found(name, dirs)
 
 
-def _not_found(name: str, dirs: list[Path], cause: Exception | None = None):
+def _not_found(name: str, dirs: list[Path]):
     mnist = name in _MNIST_FOLDERS
     lines = []
     for d in dirs:
@@ -249,28 +261,117 @@ def _not_found(name: str, dirs: list[Path], cause: Exception | None = None):
     msg = (f"dataset {name!r} not found under {where}; expected these files{gz}:\n"
            + "\n".join(lines)
            + f"\nPut them there, point --data-dir at them, or pass --download to fetch them.{apt}")
-    if cause is not None:
-        msg += f"\n(torchvision said: {cause})"
     return DatasetNotFoundError(msg)
 
 
-def _read_idx_files(files: list[Path]):
-    """The four idx files (plain or gzipped) through torchvision's own parser. A ``.gz`` file is
-    decompressed into a temporary directory of the system's temp folder, deleted once read:
-    nothing is ever written into the data folder."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
+def _cause(e: BaseException) -> str:
+    """An exception as ``Type: message`` (an ``assert`` of a parser has no message)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
+
+# --- MNIST-style idx files (LeCun's format) ------------------------------------------------------
+
+_IDX_UBYTE = 0x08  # the type byte of unsigned-byte values, the only type MNIST files use
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _idx_header(f, path: Path, ndim: int) -> tuple[int, ...]:
+    """The dims of an idx file of ``ndim``-D unsigned bytes, its magic number checked."""
+    head = f.read(4)
+    if len(head) < 4:
+        raise DatasetInvalidError(f"{path}: {len(head)} byte(s), too short for an idx header")
+    zero, kind, nd = struct.unpack(">HBB", head)
+    if zero != 0 or kind != _IDX_UBYTE or nd != ndim:
+        raise DatasetInvalidError(
+            f"{path}: magic number 0x{head.hex()} is not that of an idx file of {ndim}-D "
+            f"unsigned bytes (0x0000080{ndim}); not an MNIST-style "
+            f"{'images' if ndim == 3 else 'labels'} file, or corrupt")
+    raw = f.read(4 * nd)
+    if len(raw) < 4 * nd:
+        raise DatasetInvalidError(f"{path}: truncated inside its idx header")
+    return struct.unpack(f">{nd}I", raw)
+
+
+def read_idx(path: Path, ndim: int, *, values: bool = True) -> tuple[tuple[int, ...],
+                                                                    np.ndarray | None]:
+    """One idx file (plain or ``.gz``): ``(dims, uint8 array of that shape)``; with
+    ``values=False`` only its header, checked against the data's length without keeping it.
+
+    Raises:
+        DatasetInvalidError: naming the file: unreadable, a bad magic number, or a length that
+            disagrees with the header (truncated or corrupt).
+    """
+    try:
+        with _open(path) as f:
+            dims = _idx_header(f, path, ndim)
+            want = math.prod(dims)
+            if values:
+                blob = f.read(want + 1)  # one byte more than the header says: too long?
+                n = len(blob)
+            elif path.suffix != ".gz":
+                n = path.stat().st_size - (4 + 4 * ndim)
+            else:
+                n = 0
+                while chunk := f.read(1 << 22):
+                    n += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:  # a bad or truncated gzip stream, a read error
+        raise DatasetInvalidError(f"{path}: cannot be read ({_cause(e)})") from e
+    if n != want:
+        held = f"more than {want}" if values and n > want else str(n)
+        raise DatasetInvalidError(
+            f"{path}: its header says {' × '.join(map(str, dims))} values ({want} bytes) but it "
+            f"holds {held} bytes: truncated or corrupt")
+    return dims, (np.frombuffer(blob, dtype=np.uint8).reshape(dims).copy() if values else None)
+
+
+def _check_idx_split(name: str, images: Path, dims: tuple[int, ...], labels: Path,
+                     y: np.ndarray) -> None:
+    """One split's idx files agree: 28×28 images, one label per image, labels in range."""
+    spec = DATASETS[name]
+    n, h, w = dims
+    if (h, w) != spec.image_size:
+        raise DatasetInvalidError(f"{images}: its images are {h}×{w}; {name} images are "
+                                  f"{spec.image_size[0]}×{spec.image_size[1]}")
+    if n == 0:
+        raise DatasetInvalidError(f"{images}: holds no images")
+    if len(y) != n:
+        raise DatasetInvalidError(f"{labels} holds {len(y)} labels but {images} holds {n} "
+                                  "images; each image needs one label")
+    bad = np.flatnonzero(y >= spec.n_classes)
+    if bad.size:
+        raise DatasetInvalidError(f"{labels}: label {int(y[bad[0]])} (item {int(bad[0])}, and "
+                                  f"{bad.size - 1} more) is out of range; {name} labels are 0 to "
+                                  f"{spec.n_classes - 1}")
+
+
+def _idx_splits(name: str, files: list[Path], values: bool = True):
+    """The four idx files (train images, labels, test images, labels), each split checked;
+    with ``values=False`` the images' headers and the labels only (:func:`check_dataset`)."""
     out = []
-    with tempfile.TemporaryDirectory(prefix="prewarm-gpu-idx-") as tmp:
-        for p, read in zip(files, (read_image_file, read_label_file) * 2, strict=True):
-            if p.suffix == ".gz":
-                plain = Path(tmp) / p.stem
-                with gzip.open(p, "rb") as src, open(plain, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                p = plain
-            out.append(read(str(p)).numpy())
-    xtr, ytr, xte, yte = out
-    return xtr[:, None], ytr, xte[:, None], yte
+    for images, labels in (files[:2], files[2:]):
+        dims, x = read_idx(images, 3, values=values)
+        _, y = read_idx(labels, 1)
+        _check_idx_split(name, images, dims, labels, y)
+        out += [None if x is None else x[:, None], y]
+    return out
+
+
+def check_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """:func:`locate` the dataset and, for MNIST-style files, check them without loading the
+    images (headers, lengths, labels), so that bad files are refused before any training.
+
+    Raises:
+        DatasetNotFoundError: the files are missing.
+        DatasetInvalidError: a file is corrupt or the files disagree (naming the file).
+    """
+    name = canonical_name(name)
+    root = locate(name, data_dir)
+    if name in _MNIST_FOLDERS:
+        _idx_splits(name, find_files(name, root), values=False)
+    return root
 
 
 def _download(name: str, root: Path) -> None:
@@ -292,7 +393,7 @@ def _torchvision_splits(name: str, root: Path):
     from torchvision import datasets as tvd
 
     if name in _MNIST_FOLDERS:
-        return _read_idx_files(find_files(name, root))
+        return _idx_splits(name, find_files(name, root))
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         tr, te = (cls(str(root), train=t) for t in (True, False))
@@ -350,9 +451,16 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             _download(name, root)
         try:
             arrays = _torchvision_splits(name, root)
-        except (RuntimeError, OSError, EOFError, AssertionError, ValueError, TypeError) as e:
-            # torchvision's "Dataset not found or corrupted"; a bad gzip or idx header
-            raise _not_found(name, [root], e) from e
+        except DatasetInvalidError:
+            raise
+        except (RuntimeError, OSError, EOFError, AssertionError, ValueError, TypeError,
+                KeyError, IndexError) as e:
+            # torchvision's "Dataset not found or corrupted" (a checksum), a bad pickle or .mat:
+            # the files were found, so they are not "not found"
+            files = ", ".join(str(p) for p in expected_files(name, root))
+            raise DatasetInvalidError(f"dataset {name!r}: its files under {root} are present but "
+                                      f"cannot be read ({files}); torchvision said: "
+                                      f"{_cause(e)}") from e
         max_value, source = 255.0, root
     xtr, ytr, xte, yte = arrays
     dev = torch.device(device)
@@ -363,23 +471,32 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     def labels(a):
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(dev)
 
+    if source is not None:
+        where = ", ".join(str(p) for p in (find_files(name, source) or
+                                             expected_files(name, source)))
+        _check_shapes(spec, (xtr, ytr, xte, yte), f"read from {where}")
     data = ImageData(spec, images(xtr), labels(ytr), images(xte), labels(yte), max_value)
     data.source = source
-    _check_shapes(data)
+    if source is not None:
+        data.files = find_files(name, source) or expected_files(name, source)
     return data
 
 
-def _check_shapes(data: ImageData) -> None:
-    s = data.spec
+def _check_shapes(s: DatasetSpec, arrays, where: str) -> None:
+    """Both splits: (N, C, H, W) images of the dataset's shape, N labels in [0, n_classes)."""
     want = (s.in_channels, *s.image_size)
-    for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+    xtr, ytr, xte, yte = arrays
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        x, y = np.asarray(x), np.asarray(y)
         if tuple(x.shape[1:]) != want or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             shape = ", ".join(map(str, want))
-            raise ValueError(f"{s.name} {split} split: got images {tuple(x.shape)} and labels "
-                             f"{tuple(y.shape)}; expected (N, {shape}) and (N,)")
+            raise DatasetInvalidError(
+                f"{s.name} {split} split ({where}): got images {tuple(x.shape)} and labels "
+                f"{tuple(y.shape)}; expected (N, {shape}) and (N,)")
         if int(y.min()) < 0 or int(y.max()) >= s.n_classes:
-            raise ValueError(f"{s.name} {split} labels must be in [0, {s.n_classes}), got "
-                             f"[{int(y.min())}, {int(y.max())}]")
+            raise DatasetInvalidError(
+                f"{s.name} {split} split ({where}): labels must be in [0, {s.n_classes}), got "
+                f"[{int(y.min())}, {int(y.max())}]")
 
 
 # --- data order ----------------------------------------------------------------------------------

@@ -236,3 +236,157 @@ def test_executor_ray_without_ray_is_exit_2_naming_the_extra(tmp_path, capsys, m
                      "--n-patches", "10", "--scale", "0.2", "--seeds", "1", *FAST[:2]])
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'prewarm-gpu[ray]'" in err and not out.exists()
+
+
+# --- issue 30: values that would train, then fail or lose the records ---------------------------
+
+
+def _exit_code(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["reproduce", "--target-loss", "nan"], "--target-loss", "nan"),
+    (["reproduce", "--target-loss", "inf"], "--target-loss", "inf"),
+    (["reproduce", "--target-loss", "0"], "--target-loss", "0"),
+    (["reproduce", "--lr-end", "inf"], "--lr-end", "inf"),
+    (["reproduce", "--lr-end=-1e-3"], "--lr-end", "-1e-3"),
+    (["reproduce", "--lr-start", "nan"], "--lr-start", "nan"),
+    (["reproduce", "--lr-start", "0"], "--lr-start", "0"),
+    (["reproduce", "--aux-weight", "nan"], "--aux-weight", "nan"),
+    (["reproduce", "--aux-weight", "inf"], "--aux-weight", "inf"),
+    (["reproduce", "--aux-weight", "-0.5"], "--aux-weight", "-0.5"),
+    (["reproduce", "--init-option", "prewarm.scale=NaN"], "prewarm.scale=NaN", "finite"),
+    (["reproduce", "--init-option", "prewarm.scale=1e999"], "prewarm.scale=1e999", "finite"),
+    (["reproduce", "--init-option", "prewarm.scale=-inf"], "prewarm.scale=-inf", "finite"),
+    (["grid", "--dataset", "digits", "--scale", "nan"], "--scale", "nan"),
+    (["grid", "--dataset", "digits", "--scale", "0.2", "inf"], "--scale", "inf"),
+    (["grid", "--dataset", "digits", "--lr-end", "nan"], "--lr-end", "nan"),
+])
+def test_non_finite_or_out_of_range_floats_are_exit_2_before_any_training(
+        tmp_path, capsys, argv, flag, value):
+    out = tmp_path / "o"
+    code = _exit_code([*argv, "--seeds", "42", "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and value in err, err
+    assert "Traceback" not in err and not out.exists()  # nothing trained, nothing written
+
+
+def test_the_api_refuses_non_finite_protocol_floats_before_training(tmp_path):
+    from prewarm_gpu.experiment import SweepConfig, prepare_sweep
+
+    for field_, value in [("target_loss", float("nan")), ("lr_end", float("inf")),
+                          ("aux_weight", float("nan")), ("lr_start", float("inf"))]:
+        cfg = SweepConfig(seeds=[42], out=tmp_path / field_, **{field_: value})
+        with pytest.raises(ValueError, match=f"{field_} .* must be a finite number"):
+            prepare_sweep(cfg)
+        assert not (tmp_path / field_).exists()
+
+
+def test_a_non_finite_value_that_reaches_the_results_file_is_written_as_null(tmp_path):
+    from prewarm_gpu.experiment import read_results
+    from prewarm_gpu.experiment.records import append_result
+
+    path = tmp_path / "results.jsonl"
+    rec = {"key": "k", "status": "ok", "accuracy": 0.5, "config": {"lr": float("inf")},
+           "curves": {"loss": [1.0, float("nan")]}, "target_loss": float("nan")}
+    append_result(path, rec)
+    line = path.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    (back,) = read_results(path)
+    assert back["target_loss"] is None and back["config"]["lr"] is None
+    assert back["curves"]["loss"] == [1.0, None] and back["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", str(2**70), "-1"])
+def test_seeds_torch_cannot_take_are_exit_2_naming_the_seed_and_the_range(tmp_path, capsys,
+                                                                          seed):
+    out = tmp_path / "o"
+    code = _exit_code(["reproduce", "--seeds", "42", seed, "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and seed in err and "[0, 2**64 - 1]" in err and not out.exists()
+    code = _exit_code(["filterbank", "build", "--runs", str(tmp_path), "--out",
+                       str(tmp_path / "b.pt"), "--seed", seed])
+    assert code == 2 and seed in capsys.readouterr().err
+
+
+def test_the_largest_seed_is_accepted_and_the_api_refuses_the_next(tmp_path):
+    import torch
+
+    from prewarm_gpu.experiment import SweepConfig, plan_runs
+
+    top = 2**64 - 1
+    assert cli.build_parser().parse_args(["reproduce", "--seeds", str(top)]).seeds == [top]
+    torch.Generator().manual_seed(top)  # torch takes it
+    assert [s.seed for s in plan_runs(SweepConfig(seeds=[top]))] == [top, top]
+    with pytest.raises(ValueError, match=r"seeds must be ints in \[0, 2\*\*64 - 1\], got "
+                                         r"\[18446744073709551616\]"):
+        plan_runs(SweepConfig(seeds=[1, 2**64]))
+
+
+@pytest.mark.parametrize("fault", ["fewer labels", "27x29 images", "label 200", "bad magic"])
+@pytest.mark.parametrize("command", ["reproduce", "stats"])
+def test_inconsistent_dataset_files_are_exit_2_naming_the_file(tmp_path, capsys, command, fault):
+    from tests.test_data import _idx
+
+    data = tmp_path / "data"
+    arrays = write_mnist(data, None)
+    x, y = arrays["train"]
+    labels, images = data / "train-labels-idx1-ubyte", data / "train-images-idx3-ubyte"
+    if fault == "fewer labels":
+        labels.write_bytes(_idx(y[:-1]))
+        bad, says = labels, "holds 11 labels but"
+    elif fault == "27x29 images":
+        images.write_bytes(_idx(np.zeros((len(x), 27, 29), np.uint8)))
+        bad, says = images, "27×29"
+    elif fault == "label 200":
+        labels.write_bytes(_idx(np.r_[y[:-1], 200].astype(np.uint8)))
+        bad, says = labels, "label 200"
+    else:
+        images.write_bytes(b"\x00\x00\x09\x03" + images.read_bytes()[4:])
+        bad, says = images, "magic number 0x00000903"
+    out = tmp_path / "o"
+    argv = ["--dataset", "mnist", "--data-dir", str(data)]
+    if command == "reproduce":
+        argv += ["--seeds", "42", "--out", str(out), *FAST]
+    code = cli.main([command, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and says in err, err
+    assert "Traceback" not in err and "not found" not in err and "internal error" not in err
+    assert not out.exists()  # refused before any training
+
+
+def test_stats_on_all_zero_images_is_exit_2_naming_the_file(tmp_path, capsys):
+    write_mnist(tmp_path, None, images=np.zeros((4, 28, 28), np.uint8))
+    code = cli.main(["stats", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "train-images-idx3-ubyte") in err
+    assert "constant images" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_folder_another_live_sweep_holds_names_its_pid_not_nothing_to_resume(tmp_path, capsys,
+                                                                              resume):
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = ("import sys; from pathlib import Path; from prewarm_gpu.experiment.run import "
+              "sweep_lock\nwith sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
+              "    sys.stdin.read()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "held"  # a sweep that has written nothing yet
+        code = cli.main(["reproduce", "--seeds", "42", "--out", str(out), *FAST,
+                         *(["--resume"] if resume else [])])
+        err = capsys.readouterr().err
+        assert code == 2 and f"is in use by another prewarm-gpu (pid {proc.pid})" in err, err
+        assert "nothing to resume" not in err
+    finally:
+        proc.communicate("", timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing trained or written
+    assert cli.main(["reproduce", "--resume", "--out", str(out), *FAST]) == 2  # lock released:
+    assert "nothing to resume" in capsys.readouterr().err  # now it is the folder's state

@@ -229,12 +229,54 @@ def test_missing_data_names_every_place_looked_at(tmp_path, monkeypatch):
     assert "apt-get install dataset-fashion-mnist" in msg
 
 
-def test_a_corrupt_gzip_is_a_clear_error_naming_the_folder(tmp_path):
+def test_a_corrupt_gzip_is_a_clear_error_naming_the_file(tmp_path):
     write_mnist(tmp_path, None, gz=True)
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
-    with pytest.raises(D.DatasetNotFoundError, match="torchvision said") as e:
-        D.load_dataset("mnist", data_dir=tmp_path)
-    assert str(tmp_path) in str(e.value)
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(b"not gzip")
+    for load in (D.load_dataset, D.check_dataset):
+        with pytest.raises(D.DatasetInvalidError, match="cannot be read .*BadGzipFile") as e:
+            load("mnist", data_dir=tmp_path)
+        assert str(bad) in str(e.value) and "not found" not in str(e.value)
+
+
+def _overwrite(path: Path, array: np.ndarray | bytes) -> None:
+    path.write_bytes(array if isinstance(array, bytes) else _idx(array))
+
+
+@pytest.mark.parametrize("fault, file, says", [
+    ("fewer labels", "train-labels-idx1-ubyte", "holds 11 labels but"),
+    ("27x29 images", "train-images-idx3-ubyte", "its images are 27×29; mnist images are 28×28"),
+    ("label 200", "t10k-labels-idx1-ubyte", "label 200 (item 0, and 0 more) is out of range"),
+    ("truncated images", "train-images-idx3-ubyte", "truncated or corrupt"),
+    ("too long labels", "t10k-labels-idx1-ubyte", "holds more than 6 bytes"),
+    ("bad image magic", "train-images-idx3-ubyte", "magic number 0x00000801 is not that of an "
+     "idx file of 3-D unsigned bytes"),
+    ("empty file", "t10k-images-idx3-ubyte", "0 byte(s), too short for an idx header"),
+])
+def test_inconsistent_idx_files_are_refused_naming_the_file_and_the_fault(tmp_path, fault, file,
+                                                                         says):
+    arrays = write_mnist(tmp_path, None)
+    x, y = arrays["train"]
+    path = tmp_path / file
+    if fault == "fewer labels":
+        _overwrite(path, y[:-1])
+    elif fault == "27x29 images":
+        _overwrite(path, np.zeros((len(x), 27, 29), np.uint8))
+    elif fault == "label 200":
+        _overwrite(path, np.r_[200, arrays["t10k"][1][1:]].astype(np.uint8))
+    elif fault == "truncated images":
+        path.write_bytes(path.read_bytes()[:-5])
+    elif fault == "too long labels":
+        path.write_bytes(path.read_bytes() + b"\0")
+    elif fault == "bad image magic":
+        _overwrite(path, x.reshape(-1))  # a 1-D (labels-like) file where images belong
+    else:
+        path.write_bytes(b"")
+    for load in (D.load_dataset, D.check_dataset):  # the loader and the check before training
+        with pytest.raises(D.DatasetInvalidError) as e:
+            load("mnist", data_dir=tmp_path)
+        msg = str(e.value)
+        assert says in msg and str(path) in msg and "not found" not in msg, msg
 
 
 @pytest.mark.parametrize("hundred", [False, True])
@@ -276,10 +318,24 @@ def test_missing_dataset_error_names_the_files_and_where(tmp_path, name, must_na
 def test_corrupt_file_reraises_torchvisions_error_with_the_expected_paths(tmp_path, monkeypatch):
     write_svhn(tmp_path, monkeypatch)
     (tmp_path / "test_32x32.mat").write_bytes(b"not a mat file")  # md5 no longer matches
-    with pytest.raises(D.DatasetNotFoundError, match="torchvision said: Dataset not found or "
-                       "corrupted") as e:
+    with pytest.raises(D.DatasetInvalidError, match="present but cannot be read .*torchvision "
+                       "said: RuntimeError: Dataset not found or corrupted") as e:
         D.load_dataset("svhn", data_dir=tmp_path)
     assert "test_32x32.mat" in str(e.value)
+
+
+def test_torchvision_arrays_of_the_wrong_shape_are_bad_data_naming_the_files(tmp_path,
+                                                                            monkeypatch):
+    write_svhn(tmp_path, monkeypatch)
+    real = D._torchvision_splits
+
+    def short_labels(name, root):
+        xtr, ytr, xte, yte = real(name, root)
+        return xtr, ytr[:-1], xte, yte
+
+    monkeypatch.setattr(D, "_torchvision_splits", short_labels)
+    with pytest.raises(D.DatasetInvalidError, match="svhn train split .*train_32x32.mat"):
+        D.load_dataset("svhn", data_dir=tmp_path)
 
 
 # --- data order ----------------------------------------------------------------------------------

@@ -158,3 +158,62 @@ def test_grid_on_the_command_line(tmp_path, capsys):
     assert "| 3 | 16 | 20 | 0.2 | 2 |" in capsys.readouterr().out
     assert (out / "grid.md").exists() and (out / "grid.json").exists()
     assert math.isfinite(json.loads((out / "grid.json").read_text())["cells"][0]["delta"])
+
+
+# --- issue 30: a cell that can never run is refused before any run trains -----------------------
+
+
+@pytest.mark.parametrize("axis, value, says", [
+    ("--n-clusters", "64", "n_clusters must be in [1, 32], got 64"),
+    ("--patch-size", "2", "patch_size (2, 2) is smaller than the kernel (3, 3)"),
+    ("--n-patches", "10000000000", "GiB for the patch matrix alone"),
+    ("--patch-size", "9", "images of 8×8 are smaller than the 9×9 patch"),
+])
+def test_a_cell_that_can_never_run_is_exit_2_naming_it_before_any_training(
+        tmp_path, capsys, monkeypatch, axis, value, says):
+    from prewarm_gpu.experiment import arms
+
+    def no_training(*a, **k):
+        raise AssertionError("a run was built before every cell was checked")
+
+    monkeypatch.setattr(engine, "build_arm", no_training)
+    monkeypatch.setattr(arms, "build_arm", no_training)
+    out = tmp_path / "g"
+    good = {"--n-clusters": "16", "--patch-size": "3", "--n-patches": "10"}[axis]
+    argv = ["grid", "--dataset", "digits", "--out", str(out), "--seeds", "1", "--steps", "50",
+            "--n-clusters", "16", "--patch-size", "3", "--n-patches", "10", "--scale", "0.2",
+            "--no-progress", axis, good, value]  # the last --axis wins: one good, one bad value
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    cell = f"{axis[2:].replace('-', '_')}={value}"
+    assert code == 2 and says in err and cell in err and "nothing was trained" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("options", [
+    {"n_clusters": 64}, {"patch_size": 2}, {"n_patches": 10**10}, {"n_patches": 0},
+    {"scale": -1.0}, {"n_clusters": 16, "n_patches": 0}, {"kmeans_options": {"n_init": 0}},
+    {"n_clusters": 32, "n_patches": 1, "patch_size": 7},
+])
+def test_the_dry_check_refuses_what_prewarm_refuses_with_the_same_message(options):
+    import torch
+
+    from prewarm_gpu import prewarm_
+    from prewarm_gpu.experiment.precheck import check_prewarm_options
+    from prewarm_gpu.models import build_model
+
+    model = build_model("simplecnn", in_channels=1, n_classes=10, image_size=(8, 8))
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises((ValueError, TypeError)) as real:
+        prewarm_(model, images, generator=0, **options)
+    with torch.device("meta"):
+        meta = build_model("simplecnn", in_channels=1, n_classes=10, image_size=(8, 8))
+    with pytest.raises(type(real.value)) as dry:
+        check_prewarm_options(meta, images.shape, options)
+    assert str(dry.value) == str(real.value)
+
+
+def test_the_dry_check_passes_what_prewarm_accepts(digits):
+    from prewarm_gpu.experiment.precheck import check_arms
+
+    check_arms(plan_grid(small(Path("unused"))), "cpu")  # the cells the tests above train

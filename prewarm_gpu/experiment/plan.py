@@ -19,7 +19,7 @@ import torch
 
 from .. import registry
 from ..checkpoint import parse_every
-from ..checks import is_int
+from ..checks import is_int, is_real
 from ..data import DATASETS
 from ..models import BASELINES, MODELS, build_model
 from ..train import TrainConfig
@@ -187,14 +187,30 @@ def _channels_last(config: SweepConfig, arch: str) -> bool:
     return config.channels_last and not (config.batch and batchable(arch))
 
 
+# The protocol's floats and what each may be: a NaN or an Inf would train, then fail the record.
+_TRAIN_FLOATS = {"lr_start": (0.0, True), "lr_end": (0.0, False), "aux_weight": (0.0, False),
+                 "target_loss": (0.0, True)}  # name: (bound, exclusive)
+
+
+def check_train_floats(tc: TrainConfig) -> None:
+    """Every float of the protocol finite and in range (``lr_start``, ``target_loss`` > 0;
+    ``lr_end``, ``aux_weight`` >= 0), or a ``ValueError`` naming it: before any training."""
+    for name, (lo, exclusive) in _TRAIN_FLOATS.items():
+        v = getattr(tc, name)
+        if not is_real(v) or (v <= lo if exclusive else v < lo):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number "
+                             f"{'>' if exclusive else '>='} {lo:g}, got {v!r}")
+
+
 def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
     """Refuse a sweep that cannot run, before any training: unknown initialisers, options or
     models, bad seeds, a bad checkpoint interval or baseline."""
     for arm in arms:
         registry.get(arm.init)  # KeyError listing the known names
         registry.check_options(arm.init, dict(arm.options))
-    if not config.seeds or any(not is_int(s) or s < 0 for s in config.seeds):
-        raise ValueError(f"seeds must be non-negative ints, got {config.seeds}")
+    bad = [s for s in config.seeds if not is_int(s) or not 0 <= s < 2**64]
+    if not config.seeds or bad:  # torch.Generator.manual_seed takes [0, 2**64) (and negatives)
+        raise ValueError(f"seeds must be ints in [0, 2**64 - 1], got {bad or config.seeds}")
     if len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct, got {config.seeds}")
     if not arms:
@@ -204,6 +220,8 @@ def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
         if arch not in MODELS:
             raise KeyError(f"unknown model {arch!r} (required by an initialiser); known: "
                            f"{sorted(MODELS)}")
+    for ds in config.datasets:
+        check_train_floats(config.train_config(ds))
     parse_every(config.checkpoint_every)  # ValueError now, not after the first run
     if config.baseline not in BASELINES:
         raise ValueError(f"--baseline must be one of {BASELINES}, got {config.baseline!r}")

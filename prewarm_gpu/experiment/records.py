@@ -226,9 +226,11 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
     """Append one record as a JSON line, then flush and fsync: a finished run survives a crash.
 
     A file that does not end in a newline (a truncated last line) gets one first, so the new record
-    starts on its own line.
+    starts on its own line. The record goes through :func:`.jsonable.jsonable` first, as every
+    output file does: a NaN or Inf that reaches it is written as ``null`` (strict JSON), so a
+    trained run is never lost to the encoder.
     """
-    line = json.dumps(record, allow_nan=False) + "\n"
+    line = json.dumps(jsonable(record), allow_nan=False) + "\n"
     size = path.stat().st_size if path.exists() else 0
     try:
         with open(path, "a+b") as f:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..checkpoint import Checkpointer, parse_every
 from ..checks import is_int
-from ..data import ImageData, canonical_name, load_dataset, locate
+from ..data import ImageData, canonical_name, check_dataset, load_dataset
 from ..train import TrainResult, train
 from .arms import build_arm
 from .plan import RunSpec, SweepConfig, batchable, needs_rule
@@ -227,14 +227,42 @@ def sweep_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise SweepLockedError(f"{out} is in use by another prewarm-gpu (pid {owner}); wait "
-                                   "for it to finish, or choose another --out") from None
+            raise _locked(out, _owner(fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _owner(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _locked(out: Path, owner: str) -> SweepLockedError:
+    return SweepLockedError(f"{out} is in use by another prewarm-gpu (pid {owner}); wait for it "
+                            "to finish, or choose another --out")
+
+
+def lock_holder(out: Path) -> str | None:
+    """The pid written in ``<out>/.lock`` when a live process holds that lock (:func:`sweep_lock`),
+    else None; creates nothing. A shared lock is taken and dropped at once to test it, so a sweep
+    starting in that instant may see the folder as busy (and say so): never the reverse."""
+    import fcntl
+
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or unreadable): nobody holds it through this path
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _owner(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _check_writable(out: Path, min_free: int = 64 * 2**20) -> None:
@@ -284,7 +312,8 @@ def _check_data(config: SweepConfig) -> None:
     if config.download:
         return
     for ds in config.datasets:
-        locate(ds, config.data_dir)  # raises, naming every place looked at (digits: no files)
+        # raises, naming every place looked at (digits: no files), or the bad file and its fault
+        check_dataset(ds, config.data_dir)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -328,13 +357,23 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
 
         import_ray()  # ImportError naming the extra, before any work
     specs = plan(replace(config, rule_source="batch"))  # every check that reads no data
+    holder = lock_holder(config.out)
+    if holder is not None:  # before _check_out: a sweep just started has no results yet
+        raise _locked(config.out, holder)
     _check_out(config)
     if config.plot and plot_check is not None:
         plot_check()  # fail now, not after training
     _check_data(config)
     _check_writable(config.out)
     config = with_dataset_rules(config, specs)
-    return config, plan(config)
+    specs = plan(config)
+    if not config.report_only:
+        from .precheck import check_arms
+
+        # a cell that can never run: now, not after Kaiming's (n_patches known, from the rule).
+        # The memory check is of this process's device: not where Ray's workers train.
+        check_arms(specs, "meta" if config.executor == "ray" else config.device)
+    return config, specs
 
 
 def with_dataset_rules(config: SweepConfig, specs: Sequence[RunSpec]) -> SweepConfig:

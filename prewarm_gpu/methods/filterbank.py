@@ -27,6 +27,7 @@ model is filled when its name is in the bank and its kernel size matches. 1×1 c
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -40,8 +41,8 @@ from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
 from ..registry import register
 
-__all__ = ["build_bank", "build_bank_from_runs", "save_bank", "load_bank", "filterbank_",
-           "conv_kernels", "filterbank", "VARIANTS"]
+__all__ = ["build_bank", "build_bank_from_runs", "pool_kernels", "save_bank", "load_bank",
+           "filterbank_", "conv_kernels", "filterbank", "VARIANTS"]
 
 VARIANTS = ("euclidean", "fourier")
 FORMAT = "prewarm_gpu.filterbank/1"
@@ -49,9 +50,23 @@ FORMAT = "prewarm_gpu.filterbank/1"
 Source = Mapping[str, torch.Tensor] | str | os.PathLike
 
 
+def _torch_load(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a file torch cannot read (garbage, empty,
+    truncated, a pickle of code) is a one-line ``ValueError`` naming it. A missing or unreadable
+    file stays an ``OSError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 — UnpicklingError, EOFError, RuntimeError, …: bad file
+        first = (str(e).strip().splitlines() or [""])[0]
+        cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise ValueError(f"{path} is not {what} (torch.load: {cause})") from e
+
+
 def _load_state_dict(source: Source) -> Mapping[str, torch.Tensor]:
     if isinstance(source, (str, os.PathLike)):
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        obj = _torch_load(source, "a state dict written by torch.save")
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
@@ -121,6 +136,35 @@ def build_bank(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    sources = list(sources)
+    pooled = pool_kernels(sources, n_clusters=n_clusters, layers=layers)
+    g = as_generator(generator, torch.device("cpu"))
+    out = {}
+    for name, ks in pooled.items():
+        kernels = torch.cat([k.to("cpu", torch.float64) for k in ks])
+        ksize = tuple(kernels.shape[1:])
+        km = MiniBatchKMeans(n_clusters, random_state=g).fit(_features(kernels, variant).float())
+        counts = torch.bincount(km.labels_, minlength=n_clusters).double()
+        out[name] = {
+            "centres": _centres(km.cluster_centers_, ksize, variant).float().contiguous(),
+            "pdf": (counts / counts.sum()).float(),
+            "n_kernels": int(kernels.shape[0]),
+        }
+    return {"format": FORMAT, "variant": variant, "n_clusters": n_clusters,
+            "n_models": len(sources), "layers": out}
+
+
+def pool_kernels(sources: Iterable[Source], *, n_clusters: int = 3,
+                 layers: Iterable[str] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Every check :func:`build_bank` makes before clustering, and what it clusters: per conv
+    layer, each model's 2-D kernels. Cheap (no k-means), so a command can refuse bad models or
+    too many clusters before any work.
+
+    Raises:
+        ValueError: no models, a file that is not a state dict, no conv layer, unknown
+            ``layers``, kernel sizes that differ across models, fewer kernels than
+            ``n_clusters``.
+    """
     check_int("n_clusters", n_clusters, 1)
     dicts = [_load_state_dict(s) for s in sources]
     if not dicts:
@@ -146,20 +190,7 @@ def build_bank(
         if n < n_clusters:
             raise ValueError(f"layer {name!r}: n_samples={n} kernels should be >= "
                              f"n_clusters={n_clusters}.")
-    g = as_generator(generator, torch.device("cpu"))
-    out = {}
-    for name, ks in pooled.items():
-        kernels = torch.cat([k.to("cpu", torch.float64) for k in ks])
-        ksize = tuple(kernels.shape[1:])
-        km = MiniBatchKMeans(n_clusters, random_state=g).fit(_features(kernels, variant).float())
-        counts = torch.bincount(km.labels_, minlength=n_clusters).double()
-        out[name] = {
-            "centres": _centres(km.cluster_centers_, ksize, variant).float().contiguous(),
-            "pdf": (counts / counts.sum()).float(),
-            "n_kernels": int(kernels.shape[0]),
-        }
-    return {"format": FORMAT, "variant": variant, "n_clusters": n_clusters,
-            "n_models": len(dicts), "layers": out}
+    return pooled
 
 
 def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
@@ -190,15 +221,33 @@ def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = No
 
 
 def save_bank(bank: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a bank with ``torch.save`` (plain tensors, numbers and strings only)."""
+    """Write a bank with ``torch.save`` (plain tensors, numbers and strings only), atomically: a
+    ``.part`` file renamed over ``path``, so a failed write leaves no torn bank.
+
+    Raises:
+        OSError: ``path`` cannot be written (torch's own "open file failed" included).
+    """
     _check_bank(bank)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(bank), path)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(bank), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports an unopenable file as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(f"could not write the bank {path}: {e}") from e
 
 
 def load_bank(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a bank written by :func:`save_bank` (``weights_only=True``: no code is unpickled)."""
-    bank = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a bank written by :func:`save_bank` (``weights_only=True``: no code is unpickled).
+
+    Raises:
+        OSError: the file is missing or unreadable.
+        ValueError: it is not a bank (garbage, empty, another torch file), naming it.
+    """
+    bank = _torch_load(path, "a filter bank")
     _check_bank(bank, str(path))
     return bank
 
@@ -207,10 +256,10 @@ def _check_bank(bank: Any, where: str = "bank") -> None:
     if not isinstance(bank, Mapping) or bank.get("format") != FORMAT:
         raise ValueError(f"{where} is not a filter bank (expected format {FORMAT!r}); "
                          "build one with build_bank / `prewarm-gpu filterbank build`")
-    if not bank.get("layers"):
+    if not isinstance(bank.get("layers"), Mapping) or not bank["layers"]:
         raise ValueError(f"{where}: the filter bank is empty (no layers)")
     for name, e in bank["layers"].items():
-        c, p = e.get("centres"), e.get("pdf")
+        c, p = (e.get("centres"), e.get("pdf")) if isinstance(e, Mapping) else (None, None)
         if not (isinstance(c, torch.Tensor) and c.ndim == 3 and isinstance(p, torch.Tensor)
                 and p.shape == (c.shape[0],) and bool((p >= 0).all()) and float(p.sum()) > 0):
             raise ValueError(f"{where}: layer {name!r} needs centres (k, k_h, k_w) and pdf (k,)")
