@@ -177,6 +177,8 @@ def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator) -> torch.Tens
         pts = rows.index_select(0, idx.view(-1)).view(R, -1, d + 2)
         return torch.bmm(pts, cols).clamp_(min=0)
 
+    if k == 1:  # no greedy rounds: the uniform first centre is the whole initialisation
+        return rows.index_select(0, first.view(-1)).view(R, 1, d + 2)[..., :d]
     closest = dists(first)  # (R, 1, m): D² so far
     pot = closest.sum(-1)  # (R, 1)
     cands, bests = [], []

@@ -410,3 +410,29 @@ def test_kmeans_plusplus_has_no_constant_term():
         xs = (torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64) * s)[None]
         c = _kmeans_plusplus(xs, 2, torch.Generator().manual_seed(0))
         assert sorted(c[0].tolist()) == sorted(xs[0].tolist())
+
+
+# ----------------------------------------------------------------- k = 1 (issue 30, item 2)
+def test_one_cluster_is_the_mean_by_hand(monkeypatch):
+    # Every batch is the whole of X (drawn indices replaced): the one centre's first update is the
+    # batch mean, and each later one keeps it, so the centre is X's mean (2, 10/3), the labels all
+    # 0 and the inertia Σ‖x - mean‖².
+    X = torch.tensor([[0.0, 3.0], [2.0, 3.0], [4.0, 4.0]], dtype=torch.float64)
+    monkeypatch.setattr(kmeans, "_draw_batches",
+                        lambda n, steps, b, g, dev: torch.arange(n).repeat(steps, 1))
+    km = MiniBatchKMeans(1, batch_size=3, random_state=0).fit(X)
+    torch.testing.assert_close(km.cluster_centers_,
+                               torch.tensor([[2.0, 10 / 3]], dtype=torch.float64))
+    assert km.labels_.tolist() == [0, 0, 0]
+    # x: (0-2)² + (2-2)² + (4-2)² = 8; y: (1/3)² + (1/3)² + (2/3)² = 6/9
+    assert km.inertia_ == pytest.approx(8 + 6 / 9, rel=1e-12)
+
+
+def test_one_cluster_on_random_data_is_near_the_mean():
+    # Before: RuntimeError "stack expects a non-empty TensorList" (k-means++ with 0 rounds).
+    X = torch.rand(100, 4, generator=torch.Generator().manual_seed(0))
+    km = MiniBatchKMeans(1, random_state=0).fit(X)
+    # The mini-batch centre is the mean of the points drawn (with replacement), not of X.
+    torch.testing.assert_close(km.cluster_centers_[0], X.mean(0), rtol=0, atol=0.03)
+    sk = SkMiniBatchKMeans(1, n_init=3, random_state=0).fit(X.numpy())
+    assert km.inertia_ == pytest.approx(sk.inertia_, rel=0.01)
