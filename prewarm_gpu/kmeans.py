@@ -15,6 +15,10 @@ How the loop avoids the host (the GPU's cost at these sizes is launches and sync
   TF32; per-centre sums and counts accumulated into running sums ``T_j = [w_j c_j, w_j]``, so the
   update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is one add and one divide; reassignment of starved
   centres decided with masks.
+- **Scale-free**: the fit runs on X divided by a power of two (exact) that brings ``max |X|``
+  into [1, 2), and the scores have no constant term, so a fit of ``2^j X`` gives ``2^j`` times the
+  centres and the same labels bit for bit, and any scale from float64's smallest to its largest
+  values fits (float32's likewise).
 - **One stopping rule** (:func:`_stop_rule`): scikit-learn's ``_mini_batch_convergence`` (EWA of the
   batch inertia, ``max_no_improvement``, ``tol``), vectorised over a chunk of steps' inertias.
 - **Chunks**: batch indices for ``sync_every`` steps are drawn at once from the generator on the
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -67,18 +72,40 @@ def _resolve_loop(loop: str) -> str:
 
 
 # --------------------------------------------------------------------------- distances
-def _scores(a: torch.Tensor, b: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-    """``‖c‖² - 2 x·c`` between points and centres, one of ``a``/``b`` holding ``[x, 1]`` and the
-    other ``[c, 1]`` (transposed as the product needs), ``sq = ‖[c, 1]‖²`` broadcast to the result.
+def _scores(c: torch.Tensor, xt: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """``‖c‖² - 2 x·c`` between centres c (k, d) and points given transposed, xt (d, b), with
+    ``sq = ‖c‖²`` (k, 1): (k, b).
 
-    Both carry a constant 1 in the extra coordinate: it adds -1 to every score (argmin unchanged)
-    and ``‖[x, 1]‖² + score = ‖x - c‖²`` still holds.
+    No constant term: ``‖x‖² + score = ‖x - c‖²`` exactly in real arithmetic, and every term
+    scales by s² when the data do, so the argmin is the same at every scale (a constant, as the
+    1·1 of ``[x, 1]·[c, 1]`` rows once added, swamps scores below its rounding, ~1e-16).
     """
-    return torch.addmm(sq, a, b, alpha=-2.0)
+    return torch.addmm(sq, c, xt, alpha=-2.0)
+
+
+def _pow2_scale(X: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    """The power of two ``2^(e-1)``, e = ``frexp(max |X|)``'s exponent (also over ``init``): a
+    0-d tensor in X's dtype on X's device (no host read).
+
+    Dividing by it is exact (a power of two; only values that fall below the dtype's subnormals
+    lose bits), brings ``max |X|`` into [1, 2), and keeps every square and product of the fit
+    inside the dtype's range whatever the data's scale. The exponent is clamped to what X's dtype
+    can hold, so the scale itself is always finite and nonzero.
+    """
+    lo, hi = torch.aminmax(X)  # no (n, d) temporary, unlike X.abs()
+    m = torch.maximum(-lo, hi).to(_F64)
+    if init is not None:
+        m = torch.maximum(m, init.abs().amax().to(_F64))
+    fi = torch.finfo(X.dtype)
+    e = torch.frexp(m).exponent - 1
+    tiny = round(math.log2(fi.smallest_normal)) + round(math.log2(fi.eps))  # least subnormal
+    e = e.clamp(min=tiny, max=math.frexp(fi.max)[1] - 1)
+    return torch.ldexp(torch.ones((), dtype=X.dtype, device=X.device), e)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Rows ``[x, 1]`` in float64: (..., n, d) → (..., n, d + 1)."""
+    """Rows ``[x, 1]`` in float64: (..., n, d) → (..., n, d + 1); the 1 is a count, for the
+    running sums ``[Σx, m]`` (it never enters a score)."""
     out = x.new_ones(*x.shape[:-1], x.shape[-1] + 1, dtype=_F64)
     out[..., :-1] = x
     return out
@@ -111,16 +138,16 @@ def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     n, d = x.shape[-2:]
     k = c.shape[-2]
-    c1t = _augment(c).transpose(-1, -2)
-    c_sq = (c1t * c1t).sum(-2, keepdim=True)
+    ct = c.to(_F64).transpose(-1, -2)
+    c_sq = (ct * ct).sum(-2, keepdim=True)
     rows = max(1, _CHUNK // (k + d + 1))
     labels, inertia = [], 0.0
     for s in range(0, n, rows):
-        x1 = _augment(x[..., s : s + rows, :])
-        mins, lab = torch.baddbmm(c_sq, x1, c1t, alpha=-2.0).min(-1) if x.ndim == 3 else \
-            _scores(x1, c1t, c_sq).min(-1)  # (n, k) scores
+        xb = x[..., s : s + rows, :].to(_F64)
+        mins, lab = torch.baddbmm(c_sq, xb, ct, alpha=-2.0).min(-1) if x.ndim == 3 else \
+            torch.addmm(c_sq, xb, ct, alpha=-2.0).min(-1)  # (n, k) scores ‖c‖² - 2 x·c
         labels.append(lab)
-        inertia = inertia + (mins.sum(-1) + (x1 * x1).sum((-1, -2)))
+        inertia = inertia + (mins.sum(-1) + (xb * xb).sum((-1, -2)))
     if not labels:
         return x.new_zeros(0, dtype=torch.long), x.new_zeros((), dtype=_F64)
     return torch.cat(labels, -1), inertia.clamp(min=0)
@@ -150,6 +177,8 @@ def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator) -> torch.Tens
         pts = rows.index_select(0, idx.view(-1)).view(R, -1, d + 2)
         return torch.bmm(pts, cols).clamp_(min=0)
 
+    if k == 1:  # no greedy rounds: the uniform first centre is the whole initialisation
+        return rows.index_select(0, first.view(-1)).view(R, 1, d + 2)[..., :d]
     closest = dists(first)  # (R, 1, m): D² so far
     pot = closest.sum(-1)  # (R, 1)
     cands, bests = [], []
@@ -185,19 +214,19 @@ def _accumulate(T: torch.Tensor, labels: torch.Tensor, x1: torch.Tensor,
     return torch.addmm(T, (p.arange_k == labels).to(T.dtype), x1)
 
 
-def _step(T, c1, c_sq, x1, x1t, cand, p: _LoopParams, check=None):
+def _step(T, c, c_sq, x1, xt, cand, p: _LoopParams, check=None):
     """One mini-batch step (scikit-learn's ``_mini_batch_step``), with no host sync.
 
     Args:
-        T: running sums ``[w_j c_j, w_j]`` (k, d+1), float64; ``c1 = T / w`` the centres as
-            ``[c, 1]`` rows and ``c_sq`` (k, 1) their squared norms.
-        x1, x1t: the batch as ``[x, 1]`` rows (b, d+1), and its transpose.
+        T: running sums ``[w_j c_j, w_j]`` (k, d+1), float64; ``c = T[:, :d] / w`` the centres
+            (k, d) and ``c_sq`` (k, 1) their squared norms.
+        x1, xt: the batch as ``[x, 1]`` rows (b, d+1), and the transpose of its points (d, b).
         cand: ``x1[:k]``, the rows that reassigned centres move to.
         check: whether reassignment is checked at this step (a bool tensor), or None for always.
 
     Returns:
-        ``(T, c1, c_sq, mins)``: the new state, and ``‖c_label‖² - 2 x·c_label`` per row (the
-        batch inertia is ``mins.sum() + ‖x1‖²``).
+        ``(T, c, c_sq, mins)``: the new state, and ``‖c_label‖² - 2 x·c_label`` per row (the
+        batch inertia is ``mins.sum() + Σ‖x‖²``).
 
     The update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is ``T_j += [Σx, m_j]; c_j = T_j / w_j``. A
     centre's count starts at ε = 2⁻⁶⁰ rather than 0 (so ``T / w`` is its initial centre until its
@@ -206,7 +235,7 @@ def _step(T, c1, c_sq, x1, x1t, cand, p: _LoopParams, check=None):
     each, with ``w`` reset to the smallest remaining count. The batch is drawn i.i.d., so these
     are distinct batch points chosen uniformly, as scikit-learn's ``choice(b, r, replace=False)``.
     """
-    mins, labels = _scores(c1, x1t, c_sq).min(0)
+    mins, labels = _scores(c, xt, c_sq).min(0)
     T = _accumulate(T, labels, x1, p)
     if p.ratio > 0:
         w = T[:, -1:]
@@ -217,8 +246,9 @@ def _step(T, c1, c_sq, x1, x1t, cand, p: _LoopParams, check=None):
             low = low & check
         floor = w.masked_fill(low, math.inf).amin()
         T = torch.where(low, cand * floor, T)
-    c1 = T / T[:, -1:]
-    return T, c1, (c1 * c1).sum(1, keepdim=True), mins
+    sums, w = T.split([T.shape[1] - 1, 1], 1)  # one op for both views
+    c = sums / w
+    return T, c, (c * c).sum(1, keepdim=True), mins
 
 
 class _LoopParams:
@@ -418,13 +448,25 @@ class MiniBatchKMeans:
         with no_autocast():
             return self.fit_valid(X, self._check_init(X))
 
-    def fit_valid(self, X: torch.Tensor, init: torch.Tensor | None = None) -> MiniBatchKMeans:
+    def fit_valid(self, X: torch.Tensor, init: torch.Tensor | None = None, *,
+                  overwrite_x: bool = False) -> MiniBatchKMeans:
         """:meth:`fit` without its checks, for a caller that has made X valid: finite, contiguous
-        float32/float64 X with n ≥ k rows, valid parameters (:meth:`check_params`), autocast off."""
+        float32/float64 X with n ≥ k rows, valid parameters (:meth:`check_params`), autocast off.
+
+        The fit runs on ``X / 2^e`` (:func:`_pow2_scale`: ``max |X|`` brought into [1, 2)), and
+        the centres and the inertia are scaled back; ``overwrite_x=True`` divides X in place
+        (no copy of it; X then holds the scaled values) instead of on a copy.
+        """
         n, d = X.shape
         k = int(self.n_clusters)
         dev = X.device
         g = as_generator(self.random_state, dev)
+        # An exact power-of-two rescaling (no host read): labels and centres are the same bits
+        # at every power-of-two scale of the data, and no square over- or underflows.
+        scale = _pow2_scale(X, init)
+        X = X.div_(scale) if overwrite_x else X / scale
+        if init is not None:
+            init = init.to(_F64) / scale.to(_F64)
         batch = min(int(self.batch_size), n)
         init_size = int(self.init_size) if self.init_size is not None else 3 * batch
         if init_size < k:
@@ -451,22 +493,37 @@ class MiniBatchKMeans:
         params = _LoopParams(self, n, k, batch, tol)
         centres, n_steps = self._run(X, best, g, params)
 
-        self.cluster_centers_ = centres.to(X.dtype)
+        centres = centres.to(X.dtype)
         self.n_steps_ = n_steps
         self.n_iter_ = int(math.ceil(n_steps * batch / n))
-        self.labels_, self.inertia_tensor_ = _labels_inertia(X, self.cluster_centers_)
-        self._init_inertia = cand_inertia.min()
+        self.labels_, inertia = _labels_inertia(X, centres)
+        self.cluster_centers_ = centres * scale  # exact: a power of two
+        s64 = scale.to(_F64)
+        # Two products, not one by s², which overflows before the inertia does.
+        self.inertia_tensor_ = inertia * s64 * s64
+        self._init_inertia = cand_inertia.min() * s64 * s64
         return self
 
     @property
     def inertia_(self) -> float:
         """Σ ‖x - c_label‖² over the fitted X (float64); ``inertia_tensor_`` is the same value as
-        a 0-d tensor on X's device (reading it here is a host sync)."""
-        return float(self.inertia_tensor_)
+        a 0-d tensor on X's device (reading it here is a host sync).
+
+        Where the true value exceeds float64's range (float64 data beyond ~1e150 in magnitude;
+        never float32 data) it is ``inf``, with a warning here: the fit itself ran on rescaled
+        data, so ``cluster_centers_`` and ``labels_`` are still right. It is never NaN.
+        """
+        v = float(self.inertia_tensor_)
+        if v == math.inf:
+            warnings.warn("inertia_ is inf: the sum of squared distances exceeds float64's range "
+                          "at this data scale (cluster_centers_ and labels_ are unaffected)",
+                          stacklevel=2)
+        return v
 
     @property
     def init_inertia_(self) -> float:
-        """Inertia of the chosen initialisation on the validation subsample."""
+        """Inertia of the chosen initialisation on the validation subsample (``inf`` where it
+        exceeds float64's range, as :attr:`inertia_`)."""
         return float(self._init_inertia)
 
     def _run(self, X: torch.Tensor, centres: torch.Tensor, g: torch.Generator,
@@ -484,15 +541,15 @@ class MiniBatchKMeans:
         look_every = 1 if _resolve_loop(self.loop) == "host" else S
         weights = {}
 
-        c1 = _augment(centres)
-        T = c1 * 2.0**-60  # counts start at ε: T / w is the initial centre until its update
-        c_sq = (c1 * c1).sum(1, keepdim=True)
+        c = centres
+        T = _augment(c) * 2.0**-60  # counts start at ε: T / w is the initial centre until updated
+        c_sq = (c * c).sum(1, keepdim=True)
         if dev.type != "cpu":
             p.arange_k = torch.arange(p.k, device=dev).unsqueeze(1)
         carry = (X.new_zeros((), dtype=_F64), X.new_full((), math.inf, dtype=_F64),
                  torch.full((), -1, device=dev, dtype=torch.long))
         since = torch.zeros((), device=dev, dtype=torch.long)
-        x_sq_all = _row_sq(X) + 1  # ‖[x, 1]‖² of every row
+        x_sq_all = _row_sq(X)  # ‖x‖² of every row
         buf = X.new_ones(S * p.batch, d + 1, dtype=_F64)  # batches as [x, 1] rows, reused
         start = 0
         while start < budget:
@@ -501,8 +558,9 @@ class MiniBatchKMeans:
             x1 = buf[: rows * p.batch]
             x1[:, :d] = X.index_select(0, idx)
             x1 = x1.view(rows, p.batch, d + 1)
-            x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # ‖x1‖² per batch
-            xs, xts, cands = x1.unbind(0), x1.transpose(1, 2).unbind(0), x1[:, : p.k].unbind(0)
+            x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # Σ‖x‖² per batch
+            xs, cands = x1.unbind(0), x1[:, : p.k].unbind(0)
+            xts = x1[..., :d].transpose(1, 2).unbind(0)  # the points, without the count column
             for s0 in range(0, rows, look_every):
                 s1 = min(s0 + look_every, rows)
                 hist, mins, moved = [], [], []
@@ -512,12 +570,12 @@ class MiniBatchKMeans:
                         since = since + p.batch
                         check = (T[:, -1] < 1).any() | (since >= 10 * p.k)
                         since = torch.where(check, 0, since)
-                    old = c1
-                    T, c1, c_sq, m = _step(T, c1, c_sq, xs[s], xts[s], cands[s], p, check)
+                    old = c
+                    T, c, c_sq, m = _step(T, c, c_sq, xs[s], xts[s], cands[s], p, check)
                     hist.append(T)
                     mins.append(m)
                     if p.tol > 0:
-                        moved.append((c1 - old).square().sum())
+                        moved.append((c - old).square().sum())
                 # The fit's first step is not judged: its inertia measures the initial centres.
                 skip = 1 if start + s0 == 0 else 0
                 if s1 - s0 > skip:
@@ -546,8 +604,11 @@ class MiniBatchKMeans:
                 f"X has {X.shape[1]} features but the model was fitted on "
                 f"{self.cluster_centers_.shape[1]}"
             )
+        if X.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=X.device)
         with no_autocast():
-            return _labels_inertia(X, self.cluster_centers_)[0]
+            scale = _pow2_scale(X, self.cluster_centers_)  # as the fit: no square overflows
+            return _labels_inertia(X / scale, self.cluster_centers_.to(_F64) / scale.to(_F64))[0]
 
 
 def _centres(T: torch.Tensor, d: int) -> torch.Tensor:

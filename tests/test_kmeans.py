@@ -331,3 +331,108 @@ def test_device_step_dispatches_at_most_30_ops():
         counts.append((km.n_steps_, c.n_ops))
     (s0, n0), (s1, n1) = counts
     assert (n1 - n0) / (s1 - s0) <= 30, counts
+
+
+# ----------------------------------------------------------------- scale (issue 30, item 8)
+def _blobs(dtype=torch.float64):
+    """4 well-separated blobs of 50 points (std 0.5, centres 10 apart)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=dtype)
+    return centres.repeat_interleave(50, 0) + 0.5 * torch.randn(200, 2, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("s", [1e-300, 1e-9, 1e-7, 1e7, 1e200, 1e300])
+def test_fit_is_scale_equivariant_in_float64(s):
+    # Before: at 1e-7 the inertia/s² was 0 and labels differed (the [x, 1] rows' constant -1
+    # swamped the scores), at ≤ 1e-9 every label was 0, at 1e200 the inertia was NaN.
+    X = _blobs()
+    base = MiniBatchKMeans(4, random_state=0).fit(X)
+    assert len(set(base.labels_.tolist())) == 4
+    km = MiniBatchKMeans(4, random_state=0).fit(X * s)
+    assert torch.equal(km.labels_, base.labels_)  # same seed, same draws: same labelling
+    torch.testing.assert_close(km.cluster_centers_ / s, base.cluster_centers_, rtol=1e-12,
+                               atol=1e-12)
+    want = base.inertia_ * s * s  # the true inertia, where float64 can hold it
+    if want == float("inf"):
+        with pytest.warns(UserWarning, match="inertia_ is inf"):
+            assert km.inertia_ == float("inf")
+    elif want > 1e-290:  # not underflowed (1e-300² is 0 in float64, as is this inertia)
+        assert km.inertia_ / s / s == pytest.approx(base.inertia_, rel=1e-12)
+    else:
+        assert 0 <= km.inertia_ <= 1e-290
+
+
+@pytest.mark.parametrize("s", [1e-30, 1e30])
+def test_fit_is_scale_equivariant_in_float32(s):
+    X = _blobs(torch.float32)
+    base = MiniBatchKMeans(4, random_state=0).fit(X)
+    km = MiniBatchKMeans(4, random_state=0).fit(X * s)
+    assert km.cluster_centers_.dtype == torch.float32
+    assert torch.equal(km.labels_, base.labels_)
+    torch.testing.assert_close(km.cluster_centers_ / s, base.cluster_centers_, rtol=1e-5,
+                               atol=1e-5)
+    assert km.inertia_ / s / s == pytest.approx(base.inertia_, rel=1e-4)  # float64 holds it
+
+
+@pytest.mark.parametrize("j", [-1000, -30, -1, 3, 600, 1000])
+def test_power_of_two_scale_gives_the_same_bits(j):
+    X = _blobs()
+    base = MiniBatchKMeans(4, random_state=0).fit(X)
+    km = MiniBatchKMeans(4, random_state=0).fit(X * 2.0**j)
+    assert torch.equal(km.labels_, base.labels_)
+    assert torch.equal(km.cluster_centers_, base.cluster_centers_ * 2.0**j)
+    assert km.n_steps_ == base.n_steps_
+    if j < 500:  # 2^1000 · 2^1000 · 95 is beyond float64
+        assert km.inertia_ == base.inertia_ * 2.0**j * 2.0**j
+
+
+@pytest.mark.parametrize("s", [1e-9, 1e-7, 1.0, 1e7, 1e100])
+def test_inertia_matches_sklearn_at_every_scale(s):
+    # scikit-learn finds the 4 blobs at every scale; so does this fit, to the same inertia.
+    X = _blobs() * s
+    ours = MiniBatchKMeans(4, random_state=0).fit(X).inertia_
+    theirs = SkMiniBatchKMeans(4, n_init=3, random_state=0).fit(X.numpy()).inertia_
+    assert ours / s / s == pytest.approx(theirs / s / s, rel=0.01)
+
+
+def test_predict_at_huge_scale_matches_labels():
+    X = _blobs() * 1e300
+    km = MiniBatchKMeans(4, random_state=0).fit(X)
+    assert torch.equal(km.predict(X), km.labels_)
+
+
+def test_kmeans_plusplus_has_no_constant_term():
+    # ‖x - p‖² by one product of [p, ‖p‖², 1]·[-2x, 1, ‖x‖²]: exact 0 on a point itself and
+    # s² times the distance at any scale the squares fit in (the fit rescales before it).
+    from prewarm_gpu.kmeans import _kmeans_plusplus
+
+    for s in (2.0**-60, 1.0, 2.0**60):
+        xs = (torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64) * s)[None]
+        c = _kmeans_plusplus(xs, 2, torch.Generator().manual_seed(0))
+        assert sorted(c[0].tolist()) == sorted(xs[0].tolist())
+
+
+# ----------------------------------------------------------------- k = 1 (issue 30, item 2)
+def test_one_cluster_is_the_mean_by_hand(monkeypatch):
+    # Every batch is the whole of X (drawn indices replaced): the one centre's first update is the
+    # batch mean, and each later one keeps it, so the centre is X's mean (2, 10/3), the labels all
+    # 0 and the inertia Σ‖x - mean‖².
+    X = torch.tensor([[0.0, 3.0], [2.0, 3.0], [4.0, 4.0]], dtype=torch.float64)
+    monkeypatch.setattr(kmeans, "_draw_batches",
+                        lambda n, steps, b, g, dev: torch.arange(n).repeat(steps, 1))
+    km = MiniBatchKMeans(1, batch_size=3, random_state=0).fit(X)
+    torch.testing.assert_close(km.cluster_centers_,
+                               torch.tensor([[2.0, 10 / 3]], dtype=torch.float64))
+    assert km.labels_.tolist() == [0, 0, 0]
+    # x: (0-2)² + (2-2)² + (4-2)² = 8; y: (1/3)² + (1/3)² + (2/3)² = 6/9
+    assert km.inertia_ == pytest.approx(8 + 6 / 9, rel=1e-12)
+
+
+def test_one_cluster_on_random_data_is_near_the_mean():
+    # Before: RuntimeError "stack expects a non-empty TensorList" (k-means++ with 0 rounds).
+    X = torch.rand(100, 4, generator=torch.Generator().manual_seed(0))
+    km = MiniBatchKMeans(1, random_state=0).fit(X)
+    # The mini-batch centre is the mean of the points drawn (with replacement), not of X.
+    torch.testing.assert_close(km.cluster_centers_[0], X.mean(0), rtol=0, atol=0.03)
+    sk = SkMiniBatchKMeans(1, n_init=3, random_state=0).fit(X.numpy())
+    assert km.inertia_ == pytest.approx(sk.inertia_, rel=0.01)

@@ -502,3 +502,27 @@ def test_device_path_ops_on_the_colour_batch():
         r, c = _count(x, n_patches=28, scale=0.25, generator=seed)
         run = 16 * -(-r.kmeans_steps // 16)
         assert c.n_ops <= 0.35 * (515 + 77.25 * run), (seed, run, c.n_ops)
+
+
+def test_one_cluster_by_hand():
+    # F = 3 → k = 1 (before: RuntimeError from k-means++ with 0 rounds). Images x[i, j] = j / 27:
+    # every 3×3 window mean-centred is [-1, 0, 1] / 27 in each row, so the one centroid is that;
+    # weighted (1/3, 1/2, 1/3 | 1/2, 1, 1/2 | ...) it is [[-1/3, 0, 1/3], [-1/2, 0, 1/2],
+    # [-1/3, 0, 1/3]] / 27, whose population std is sqrt(17/162) / 27.
+    conv = nn.Conv2d(1, 3, 3)
+    before = conv.weight.detach().clone()
+    x = (torch.arange(28.0) / 27).expand(4, 1, 28, 28)
+    r = prewarm_(conv, x, n_patches=5, scale=0.2, generator=0)
+    assert r.n_clusters == 1
+    v = torch.tensor([[-1 / 3, 0, 1 / 3], [-1 / 2, 0, 1 / 2], [-1 / 3, 0, 1 / 3]])
+    want = v / (17 / 162) ** 0.5 * 0.2
+    torch.testing.assert_close(conv.weight[0, 0].detach(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(conv.weight[1:].detach(), before[1:])
+
+
+def test_one_cluster_on_random_images():
+    conv = nn.Conv2d(1, 3, 3)
+    r = prewarm_(conv, torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+                 generator=0)
+    assert r.n_clusters == 1
+    assert float(conv.weight[0].detach().std(unbiased=False)) == pytest.approx(0.2, rel=1e-4)
