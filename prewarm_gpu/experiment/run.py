@@ -364,7 +364,6 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
     if config.plot and plot_check is not None:
         plot_check()  # fail now, not after training
     _check_data(config)
-    _check_writable(config.out)
     config = with_dataset_rules(config, specs)
     specs = plan(config)
     if not config.report_only:
@@ -373,6 +372,7 @@ def prepare(config: SweepConfig, plan: Callable[[SweepConfig], list[RunSpec]],
         # a cell that can never run: now, not after Kaiming's (n_patches known, from the rule).
         # The memory check is of this process's device: not where Ray's workers train.
         check_arms(specs, "meta" if config.executor == "ray" else config.device)
+    _check_writable(config.out)  # creates --out: last, so a refused sweep leaves nothing
     return config, specs
 
 
