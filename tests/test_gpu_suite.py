@@ -125,6 +125,18 @@ def test_training_sizes_fill_the_comparison_then_the_sweep(suite):
     assert 10 + 0.3 * c + 0.02 * s <= 60.0
 
 
+def test_the_training_cost_model_is_refitted_from_a_bench_training_row(suite):
+    row = {"runs": 16, "compare_steps": 100, "sweep_steps": 1000, "paper_style_s": 16.0,
+           "single_run_s": 5.0, "batched_s": 2.0, "sweep_batched_s": 20.0,
+           "backend_run_steps_s": {"grouped": 800.0, "vmap": 800.0, "loop": 400.0}}
+    cost = suite._train_cost(row, seconds=60.0)
+    # compare: 16 + 5 + 2 + 1600/800 + 1600/800 + 1600/400 = 31 s over 100 steps
+    assert cost == pytest.approx({"per_compare": 0.31, "per_sweep": 0.02, "overhead": 9.0})
+    same = {**row, "sweep_steps": 100, "sweep_batched_s": 2.0}  # the sweep was the comparison
+    assert suite._train_cost(same, seconds=40.0) == pytest.approx(
+        {"per_compare": 0.31, "per_sweep": 0.02, "overhead": 9.0})
+
+
 def test_fake_parts_longer_than_the_budget_are_cut_between_cases(suite, tmp_path, monkeypatch):
     def slow(ctx):
         for i in range(50):
@@ -271,3 +283,22 @@ def test_summary_is_short_and_names_gpu_torch_commit_and_each_part(suite):
     assert "| tests | failed: TimeoutError |" in text
     assert "| prewarm | skipped: needs >= 4 s |" in text
     assert len(lines) <= 4 + len(res["parts"]) and max(map(len, lines)) < 300
+
+
+def test_the_loops_agree_check_fails_on_different_steps_or_centres(suite):
+    def fit(steps, shift=0.0):
+        return SimpleNamespace(cluster_centers_=torch.zeros(4, 3) + shift, n_steps_=steps)
+
+    assert suite._smoke_loops_agree({"device": fit(20), "host": fit(20, 1e-6)})["n_steps"] == 20
+    with pytest.raises(AssertionError, match="device loop 20 steps, host loop 21"):
+        suite._smoke_loops_agree({"device": fit(20), "host": fit(21)})
+    with pytest.raises(AssertionError, match="max"):
+        suite._smoke_loops_agree({"device": fit(20), "host": fit(20, 1e-3)})
+    with pytest.raises(RuntimeError, match="only the \\['device'\\] loop"):
+        suite._smoke_loops_agree({"device": fit(20)})
+
+
+def test_pytest_counts_read_a_cut_verbose_log(suite):
+    log = ("tests/test_a.py::test_x PASSED  [ 33%]\ntests/test_a.py::test_y[cuda] FAILED [ 66%]\n"
+           "tests/test_b.py::test_z SKIPPED (needs a CUDA device) [100%]\n")
+    assert suite._pytest_counts(log) == {"passed": 1, "failed": 1, "skipped": 1}
