@@ -100,10 +100,13 @@ def centre_crop(centroids: torch.Tensor, in_channels: int, patch_size: int | tup
 
 # --------------------------------------------------------------------------- validation
 def _available_memory(device: torch.device) -> int | None:
-    """Bytes the call may still allocate on ``device``: CUDA's free memory, Linux's
-    ``MemAvailable``; None where the OS does not say."""
+    """Bytes the call may still allocate on ``device``: on CUDA the driver's free memory plus
+    what PyTorch's caching allocator has reserved but not allocated (blocks it hands out again
+    without asking the driver, which ``mem_get_info`` counts as used); Linux's ``MemAvailable``;
+    None where the OS does not say."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -115,14 +118,15 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_memory(n: int, d: int, device: torch.device) -> None:
-    """Refuse, before any work, a patch matrix (n, d) float32 that does not fit in memory. The
-    rest of a call is bounded apart from it: blocks of at most 2**22-2**24 elements (tested)."""
-    need = n * d * 4
+def _check_memory(n: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any work, a patch matrix (n, d) of ``dtype`` (the images' float dtype) that
+    does not fit in memory. The rest of a call is bounded apart from it: blocks of at most
+    2**22-2**24 elements (tested), and k-means rescales the matrix in place (no copy)."""
+    need = n * d * dtype.itemsize
     free = _available_memory(device)
     if free is not None and need > free:
-        raise ValueError(f"{n} patches of {d} values need {need / 2**30:.1f} GiB for the patch "
-                         f"matrix alone, more than the {free / 2**30:.1f} GiB available on "
+        raise ValueError(f"{n} patches of {d} {dtype} values need {need / 2**30:.1f} GiB for the "
+                         f"patch matrix alone, more than the {free / 2**30:.1f} GiB available on "
                          f"{device}; lower n_patches")
 
 
@@ -370,7 +374,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         raise ValueError(f"{B} images of {H}×{W} hold {B * positions} distinct {span[0]}×"
                          f"{span[1]} windows, fewer than n_clusters={k}: some filters would be "
                          "copies of others")
-    _check_memory(B * P, C * patch[0] * patch[1], x.device)
+    _check_memory(B * P, C * patch[0] * patch[1], x.device, x.dtype)
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
     elif is_real(scale) and scale > 0:
@@ -421,7 +425,8 @@ def _cluster(km: MiniBatchKMeans, x, patch, dil, n_patches):
     """Steps 1-3: extract, mean-centre, cluster with ``km``. Returns centroids (k, C·K_h·K_w)."""
     p = extract_patches(x, patch, n_patches, dilation=dil, generator=km.random_state)
     p -= p.mean(1, keepdim=True)  # in place: the patch matrix is the largest tensor of a call
-    return km.fit_valid(p).cluster_centers_  # p is valid: skip fit's checks
+    # p is valid (skip fit's checks) and ours: k-means may rescale it in place, no copy
+    return km.fit_valid(p, overwrite_x=True).cluster_centers_
 
 
 def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: int = 16,
