@@ -221,7 +221,8 @@ def _step(T, c, c_sq, x1, xt, cand, p: _LoopParams, check=None):
         T: running sums ``[w_j c_j, w_j]`` (k, d+1), float64; ``c = T[:, :d] / w`` the centres
             (k, d) and ``c_sq`` (k, 1) their squared norms.
         x1, xt: the batch as ``[x, 1]`` rows (b, d+1), and the transpose of its points (d, b).
-        cand: ``x1[:k]``, the rows that reassigned centres move to.
+        cand: ``x1[:k]``, the rows that reassigned centres move to (centre j to row j), or None
+            when k exceeds the batch: then the r-th reassigned centre moves to row r.
         check: whether reassignment is checked at this step (a bool tensor), or None for always.
 
     Returns:
@@ -231,9 +232,11 @@ def _step(T, c, c_sq, x1, xt, cand, p: _LoopParams, check=None):
     The update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is ``T_j += [Σx, m_j]; c_j = T_j / w_j``. A
     centre's count starts at ε = 2⁻⁶⁰ rather than 0 (so ``T / w`` is its initial centre until its
     first update, and that update is the batch mean to float64 rounding). Reassignment: centres with
-    ``w < ratio · max(w)`` (at most half a batch, the lightest) jump to the first batch rows, one
-    each, with ``w`` reset to the smallest remaining count. The batch is drawn i.i.d., so these
-    are distinct batch points chosen uniformly, as scikit-learn's ``choice(b, r, replace=False)``.
+    ``w < ratio · max(w)`` (at most half a batch, the lightest) jump to batch rows, one each,
+    with ``w`` reset to the smallest remaining count. The batch is drawn i.i.d., so any fixed
+    distinct rows are distinct batch points chosen uniformly, as scikit-learn's ``choice(b, r,
+    replace=False)``: row j for centre j while k ≤ batch, and row r for the r-th moved centre
+    (r < batch/2) when k is larger.
     """
     mins, labels = _scores(c, xt, c_sq).min(0)
     T = _accumulate(T, labels, x1, p)
@@ -245,6 +248,8 @@ def _step(T, c, c_sq, x1, xt, cand, p: _LoopParams, check=None):
         if check is not None:
             low = low & check
         floor = w.masked_fill(low, math.inf).amin()
+        if cand is None:  # k > batch: rank among the moved centres, < max_reassign ≤ batch/2
+            cand = x1.index_select(0, (low.view(-1).cumsum(0) - 1).clamp_(min=0))
         T = torch.where(low, cand * floor, T)
     sums, w = T.split([T.shape[1] - 1, 1], 1)  # one op for both views
     c = sums / w
@@ -559,7 +564,8 @@ class MiniBatchKMeans:
             x1[:, :d] = X.index_select(0, idx)
             x1 = x1.view(rows, p.batch, d + 1)
             x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # Σ‖x‖² per batch
-            xs, cands = x1.unbind(0), x1[:, : p.k].unbind(0)
+            xs = x1.unbind(0)
+            cands = x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * rows
             xts = x1[..., :d].transpose(1, 2).unbind(0)  # the points, without the count column
             for s0 in range(0, rows, look_every):
                 s1 = min(s0 + look_every, rows)

@@ -100,10 +100,13 @@ def centre_crop(centroids: torch.Tensor, in_channels: int, patch_size: int | tup
 
 # --------------------------------------------------------------------------- validation
 def _available_memory(device: torch.device) -> int | None:
-    """Bytes the call may still allocate on ``device``: CUDA's free memory, Linux's
-    ``MemAvailable``; None where the OS does not say."""
+    """Bytes the call may still allocate on ``device``: on CUDA the driver's free memory plus
+    what PyTorch's caching allocator has reserved but not allocated (blocks it hands out again
+    without asking the driver, which ``mem_get_info`` counts as used); Linux's ``MemAvailable``;
+    None where the OS does not say."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -115,14 +118,15 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_memory(n: int, d: int, device: torch.device) -> None:
-    """Refuse, before any work, a patch matrix (n, d) float32 that does not fit in memory. The
-    rest of a call is bounded apart from it: blocks of at most 2**22-2**24 elements (tested)."""
-    need = n * d * 4
+def _check_memory(n: int, d: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any work, a patch matrix (n, d) of ``dtype`` (the images' float dtype) that
+    does not fit in memory. The rest of a call is bounded apart from it: blocks of at most
+    2**22-2**24 elements (tested), and k-means rescales the matrix in place (no copy)."""
+    need = n * d * dtype.itemsize
     free = _available_memory(device)
     if free is not None and need > free:
-        raise ValueError(f"{n} patches of {d} values need {need / 2**30:.1f} GiB for the patch "
-                         f"matrix alone, more than the {free / 2**30:.1f} GiB available on "
+        raise ValueError(f"{n} patches of {d} {dtype} values need {need / 2**30:.1f} GiB for the "
+                         f"patch matrix alone, more than the {free / 2**30:.1f} GiB available on "
                          f"{device}; lower n_patches")
 
 
@@ -335,6 +339,9 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
     if raw_images is not None and raw_images.is_meta:
         raise ValueError("raw_images are on the meta device: they hold no values")
+    if (raw_images is not None and raw_images.dtype != torch.uint8
+            and not raw_images.is_floating_point()):
+        raise TypeError(f"raw_images must be floating point or uint8, got {raw_images.dtype}")
     if raw_images is not None and (raw_images.ndim != 4 or raw_images.shape[1:] != x.shape[1:]):
         raise ValueError(f"raw_images must be images of the same shape as images' "
                          f"{tuple(x.shape[1:])} (any number of them); got "
@@ -370,7 +377,7 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         raise ValueError(f"{B} images of {H}×{W} hold {B * positions} distinct {span[0]}×"
                          f"{span[1]} windows, fewer than n_clusters={k}: some filters would be "
                          "copies of others")
-    _check_memory(B * P, C * patch[0] * patch[1], x.device)
+    _check_memory(B * P, C * patch[0] * patch[1], x.device, x.dtype)
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
     elif is_real(scale) and scale > 0:
@@ -380,31 +387,41 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
 
     centroids = _cluster(km, x, patch, dil, P)
     centroids = centre_crop(centroids, C, patch, kernel)
-    # Steps 4-5 in float64 (k filters: free), then one cast to the conv's dtype.
-    normalised = weight_and_normalise(centroids.to(torch.float64), kernel, C, sigma)
-    filters64 = normalised.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
-    filters = filters64.to(conv.weight.dtype)
+    # Steps 4-5 in float64 (k filters: free) at unit σ, then σ, then one cast to the conv's
+    # dtype. unit · σ is the same bits as normalising with σ directly (· 1.0 is exact); the
+    # checks below judge the spread at unit scale, so a σ that over- or underflows is named as
+    # the scale's fault, not the images'.
+    unit = weight_and_normalise(centroids.to(torch.float64), kernel, C, 1.0)
+    unit_kept = unit.reshape(k, C, *kernel)[: min(k, F)]  # k ≤ F but with listing1
+    filters = (unit_kept * sigma).to(conv.weight.dtype)
     # The call's one read of the device's results: the checks before the write, and the report.
     c64 = centroids.to(torch.float64)
     copies = (torch.cdist(c64, c64) == 0).triu(1).any(0).sum()  # centroids equal to an earlier one
-    x_max, c_max, norm, want, got, inertia, n_copies = torch.stack([
+    x_max, c_max, norm, want, got, z_max, inertia, n_copies = torch.stack([
         x.abs().amax().to(torch.float64), centroids.abs().amax().to(torch.float64),
-        normalised.std(unbiased=False), filters64.std(unbiased=False),
-        filters.to(torch.float64).std(unbiased=False), km.inertia_tensor_,
-        copies.to(torch.float64)]).tolist()
+        unit.std(unbiased=False), unit_kept.std(unbiased=False),
+        (filters.to(torch.float64) / sigma).std(unbiased=False), unit_kept.abs().amax(),
+        km.inertia_tensor_, copies.to(torch.float64)]).tolist()
     if not (math.isfinite(c_max) and math.isfinite(inertia)):
         raise ValueError(f"k-means overflowed: images of magnitude up to {x_max:.3g} have squared "
                          f"distances beyond {x.dtype}'s range; rescale the images")
     if c_max == 0:
         raise ValueError("every centroid is 0: the sampled patches are constant after "
                          "mean-centring; Pre-Warm needs images with local contrast")
-    if not abs(norm - sigma) <= 0.01 * sigma:  # the paper's c / (std(c) + 1e-8) · σ
+    if not abs(norm - 1) <= 0.01:  # the paper's c / (std(c) + 1e-8) · σ, at σ = 1
         raise ValueError(f"the centroids' spread is too small for the normalisation's 1e-8 "
                          f"(images of magnitude up to {x_max:.3g}): the filters' std would be "
-                         f"{norm:.3g}, not σ = {sigma:g}; rescale the images (e.g. to [0, 1])")
+                         f"{norm * sigma:.3g}, not σ = {sigma:g}; rescale the images (e.g. to "
+                         "[0, 1])")
     if not (want > 0 and abs(got - want) <= 0.01 * want):  # also catches NaN/Inf
-        raise ValueError(f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights: "
-                         f"written, their std would be {got:g} instead of {want:g}")
+        fi = torch.finfo(conv.weight.dtype)
+        what = (f"their std would be {got * sigma:g} instead of {sigma:g}" if math.isfinite(got)
+                else "they would not be finite")
+        raise ValueError(
+            f"scale={sigma:g} does not fit the conv's {conv.weight.dtype} weights: it is "
+            f"outside their usable range, about [{fi.smallest_normal:.3g}, "
+            f"{fi.max / z_max:.3g}] for these filters (beyond it they underflow or overflow); "
+            f"written, {what}")
     if n_copies:
         warnings.warn(f"only {k - int(n_copies)} distinct centroids of n_clusters={k}: the batch "
                       "has too few distinct patches, so some conditioned filters are copies",
@@ -421,7 +438,8 @@ def _cluster(km: MiniBatchKMeans, x, patch, dil, n_patches):
     """Steps 1-3: extract, mean-centre, cluster with ``km``. Returns centroids (k, C·K_h·K_w)."""
     p = extract_patches(x, patch, n_patches, dilation=dil, generator=km.random_state)
     p -= p.mean(1, keepdim=True)  # in place: the patch matrix is the largest tensor of a call
-    return km.fit_valid(p).cluster_centers_  # p is valid: skip fit's checks
+    # p is valid (skip fit's checks) and ours: k-means may rescale it in place, no copy
+    return km.fit_valid(p, overwrite_x=True).cluster_centers_
 
 
 def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: int = 16,

@@ -1,5 +1,7 @@
 """prewarm_ and conditioned_init: behaviour, bad input, and cross-checks (a), (b), (e)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -526,3 +528,33 @@ def test_one_cluster_on_random_images():
                  generator=0)
     assert r.n_clusters == 1
     assert float(conv.weight[0].detach().std(unbiased=False)) == pytest.approx(0.2, rel=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_a_scale_beyond_the_weights_range_is_named(digits_images, scale):
+    # Before: "the centroids' spread is too small ... rescale the images", though the images are
+    # in [0, 1] and σ is what over- or underflows the float32 filters.
+    net = nn.Conv2d(1, 16, 3)
+    before = net.weight.detach().clone()
+    want = re.escape(f"scale={scale:g} does not fit the conv's torch.float32 weights: it is "
+                     "outside their usable range, about [1.18e-38, ")
+    with pytest.raises(ValueError, match=want):
+        prewarm_(net, digits_images[:128], n_patches=9, scale=scale, generator=0)
+    assert torch.equal(net.weight.detach(), before)
+
+
+def test_huge_scale_on_a_float64_conv_is_written():
+    # 1e300 fits float64 weights: the checks at unit scale no longer overflow on the way.
+    net = nn.Conv2d(1, 16, 3).double()
+    x = torch.rand(16, 1, 12, 12, generator=_gen())
+    prewarm_(net, x, n_patches=9, scale=1e300, generator=0)
+    w = net.weight[:8].detach() / 1e300  # its std computed directly overflows
+    assert w.std(unbiased=False).item() == pytest.approx(1, rel=1e-6)
+
+
+def test_integer_raw_images_are_named():
+    x = torch.rand(8, 1, 12, 12, generator=_gen())
+    with pytest.raises(TypeError, match="raw_images must be floating point or uint8, got "
+                       "torch.int64"):
+        prewarm_(nn.Conv2d(1, 8, 3), x, raw_images=torch.ones(8, 1, 12, 12, dtype=torch.int64),
+                 generator=0)
