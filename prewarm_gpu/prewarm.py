@@ -31,8 +31,8 @@ from .kmeans import MiniBatchKMeans, no_autocast
 from .layers import conv_label, find_conv, refuse_lazy
 from .patches import extract_patches
 
-__all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "distance_weights",
-           "weight_and_normalise", "centre_crop"]
+__all__ = ["prewarm_", "conditioned_init", "PrewarmReport", "PrewarmPlan", "plan_prewarm",
+           "distance_weights", "weight_and_normalise", "centre_crop"]
 
 
 @dataclass
@@ -298,22 +298,51 @@ def _kmeans(k: int, options: dict[str, Any] | None, g: torch.Generator) -> MiniB
     return km
 
 
-def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
-             generator, listing1=False, kmeans_options=None) -> PrewarmReport:
-    """The pipeline. ``listing1``: as Listing 1, ``n_clusters`` may
-    exceed F; all are clustered and normalised together and the first ``min(n_clusters, F)``
-    are written."""
-    t0 = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
-    name, conv = find_conv(model, images.shape[1], layer)
-    _check_target(conv, name)
-    x = _check_images(images, conv, name)
-    B, C, H, W = x.shape
+@dataclass(frozen=True)
+class PrewarmPlan:
+    """What a Pre-Warm call will do, decided from the model and the batch's shape alone (no pixel
+    value read): :func:`plan_prewarm`. ``n_patches`` is None where the rules (eq. 5/6) decide it
+    on the pixels."""
+
+    layer: str  # dotted name of the target conv
+    conv: nn.Conv2d
+    kernel: tuple[int, int]
+    patch: tuple[int, int]  # ≥ the kernel; larger patches are centre-cropped (§4.3)
+    dilation: tuple[int, int]
+    n_clusters: int  # k
+    n_patches: int | None  # per image; None: "auto"
+    scale: float  # σ
+    scale_rule: str  # "given" or "auto"
+    kmeans_options: dict[str, Any] | None
+
+
+def _check_patch_count(B: int, P: int, k: int, d: int, device: torch.device,
+                       dtype: torch.dtype) -> None:
+    """``B·P`` patches of ``d`` values: at least k of them, and a matrix that fits in memory."""
+    if B * P < k:
+        raise ValueError(f"{B} images × {P} patches = {B * P} patches, fewer than n_clusters={k}")
+    _check_memory(B * P, d, device, dtype)
+
+
+def plan_prewarm(conv: nn.Conv2d, name: str, batch_shape: tuple[int, int, int, int], *,
+                 n_clusters: int | None = None,
+                 n_patches: int | str = "auto", scale: float | str = "auto",
+                 patch_size: int | tuple[int, int] | None = None,
+                 kmeans_options: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                 listing1: bool = False) -> PrewarmPlan:
+    """Every check of :func:`prewarm_` that needs no pixel value, and what follows from them.
+
+    For the target ``conv`` (named ``name``, found and checked by the caller: ``layers.find_conv``
+    and ``_check_target``) and a batch of ``batch_shape`` (B, C, H, W): ``patch_size`` against
+    the kernel and the images, ``n_clusters`` against the filters (``listing1``: as
+    Listing 1, it may exceed them), ``kmeans_options``, an explicit ``n_patches`` against k and
+    the memory of ``device`` (default: the conv's) for a patch matrix of ``dtype``, the distinct
+    windows, and ``scale``. A ``ValueError``/``TypeError`` names what is wrong. The harness runs
+    it for every arm of a sweep before any training (a model on the meta device will do).
+    """
+    B, C, H, W = batch_shape
+    device = conv.weight.device if device is None else torch.device(device)
     F = conv.out_channels
     kernel = tuple(conv.kernel_size)
     patch = kernel if patch_size is None else as_pair(patch_size, "patch_size")
@@ -330,60 +359,93 @@ def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw
         "n_clusters", n_clusters, 1, None if listing1 else F)
     if k < 1:
         raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
-    g = as_generator(generator, x.device)
-    km = _kmeans(k, kmeans_options, g)
-
-    # Rules (Table 2) on the raw pixels.
-    rule, stat, tau = "given", None, None
-    if raw_images is not None and not isinstance(raw_images, torch.Tensor):
-        raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
-    if raw_images is not None and raw_images.is_meta:
-        raise ValueError("raw_images are on the meta device: they hold no values")
-    if (raw_images is not None and raw_images.dtype != torch.uint8
-            and not raw_images.is_floating_point()):
-        raise TypeError(f"raw_images must be floating point or uint8, got {raw_images.dtype}")
-    if raw_images is not None and (raw_images.ndim != 4 or raw_images.shape[1:] != x.shape[1:]):
-        raise ValueError(f"raw_images must be images of the same shape as images' "
-                         f"{tuple(x.shape[1:])} (any number of them); got "
-                         f"{tuple(raw_images.shape)}")
-    if n_patches == "auto":
-        raw = images if raw_images is None else raw_images
-        if raw.ndim != 4 or raw.shape[1] != C or raw.numel() == 0:
-            raise ValueError(f"raw_images must be a non-empty (N, {C}, H, W) tensor, got shape "
-                             f"{tuple(raw.shape)}")
-        raw = to_float(raw.to(x.device))
-        lo, hi = _value_range(raw)  # NaN and ±Inf reach the min or the max
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("raw_images contain NaN or Inf")
-        if lo < 0 or hi > 1:
-            what = "`images`" if raw_images is None else "raw_images"
-            warnings.warn(
-                f"n_patches='auto' computes the paper's rules on {what}, whose values lie in "
-                f"[{lo:.3g}, {hi:.3g}]: not raw [0, 1] pixels (standardised? 0-255?); pass "
-                "raw_images= with raw [0, 1] pixels",
-                stacklevel=3,  # the caller of prewarm_
-            )
-        P, rule, stat, tau = _auto_n_patches(raw, (lo, hi), F, patch)
-    elif isinstance(n_patches, str):
+    _kmeans(k, kmeans_options, None)  # its options' errors now
+    P = None
+    if isinstance(n_patches, str) and n_patches != "auto":
         raise ValueError(f"n_patches must be an int or 'auto', got {n_patches!r}")
-    else:
+    if n_patches != "auto":
         P = check_int("n_patches", n_patches, 1)
-    if B * P < k:
-        raise ValueError(
-            f"{B} images × {P} patches = {B * P} patches, fewer than n_clusters={k}"
-        )
+        _check_patch_count(B, P, k, C * patch[0] * patch[1], device, dtype)
     positions = (H - span[0] + 1) * (W - span[1] + 1)
     if B * positions < k:
         raise ValueError(f"{B} images of {H}×{W} hold {B * positions} distinct {span[0]}×"
                          f"{span[1]} windows, fewer than n_clusters={k}: some filters would be "
                          "copies of others")
-    _check_memory(B * P, C * patch[0] * patch[1], x.device, x.dtype)
     if scale == "auto":
         sigma, scale_rule = rules.default_scale(C, kernel), "auto"
     elif is_real(scale) and scale > 0:
         sigma, scale_rule = float(scale), "given"
     else:
         raise ValueError(f"scale must be a finite number > 0 or 'auto', got {scale!r}")
+    return PrewarmPlan(name, conv, kernel, patch, dil, k, P, sigma, scale_rule, kmeans_options)
+
+
+def _check_raw(raw_images, x: torch.Tensor) -> None:
+    if raw_images is None:
+        return
+    if not isinstance(raw_images, torch.Tensor):
+        raise TypeError(f"raw_images must be a torch.Tensor, got {type(raw_images).__name__}")
+    if raw_images.is_meta:
+        raise ValueError("raw_images are on the meta device: they hold no values")
+    if raw_images.dtype != torch.uint8 and not raw_images.is_floating_point():
+        raise TypeError(f"raw_images must be floating point or uint8, got {raw_images.dtype}")
+    if raw_images.ndim != 4 or raw_images.shape[1:] != x.shape[1:]:
+        raise ValueError(f"raw_images must be images of the same shape as images' "
+                         f"{tuple(x.shape[1:])} (any number of them); got "
+                         f"{tuple(raw_images.shape)}")
+
+
+def _rule_n_patches(images, raw_images, x: torch.Tensor, F: int, patch: tuple[int, int]):
+    """``n_patches="auto"``: (n_patches, rule, statistic, τ*) on the raw pixels (Table 2)."""
+    C = x.shape[1]
+    raw = images if raw_images is None else raw_images
+    if raw.ndim != 4 or raw.shape[1] != C or raw.numel() == 0:
+        raise ValueError(f"raw_images must be a non-empty (N, {C}, H, W) tensor, got shape "
+                         f"{tuple(raw.shape)}")
+    raw = to_float(raw.to(x.device))
+    lo, hi = _value_range(raw)  # NaN and ±Inf reach the min or the max
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("raw_images contain NaN or Inf")
+    if lo < 0 or hi > 1:
+        what = "`images`" if raw_images is None else "raw_images"
+        warnings.warn(
+            f"n_patches='auto' computes the paper's rules on {what}, whose values lie in "
+            f"[{lo:.3g}, {hi:.3g}]: not raw [0, 1] pixels (standardised? 0-255?); pass "
+            "raw_images= with raw [0, 1] pixels",
+            stacklevel=4,  # the caller of prewarm_
+        )
+    return _auto_n_patches(raw, (lo, hi), F, patch)
+
+
+def _prewarm(model, images, layer, n_clusters, n_patches, scale, patch_size, raw_images,
+             generator, listing1=False, kmeans_options=None) -> PrewarmReport:
+    """The pipeline: :func:`plan_prewarm`, the checks of the pixels and the rules, then steps
+    1-5 and the write. ``listing1``: as Listing 1, ``n_clusters`` may exceed F; all are clustered
+    and normalised together and the first ``min(n_clusters, F)`` are written."""
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}")
+    name, conv = find_conv(model, images.shape[1], layer)
+    _check_target(conv, name)
+    x = _check_images(images, conv, name)
+    plan = plan_prewarm(conv, name, tuple(x.shape), n_clusters=n_clusters,
+                        n_patches=n_patches, scale=scale, patch_size=patch_size,
+                        kmeans_options=kmeans_options, dtype=x.dtype, device=x.device,
+                        listing1=listing1)
+    B, C, H, W = x.shape
+    F, k, patch, kernel, dil = conv.out_channels, plan.n_clusters, plan.patch, plan.kernel, \
+        plan.dilation
+    sigma, scale_rule = plan.scale, plan.scale_rule
+    km = _kmeans(k, kmeans_options, as_generator(generator, x.device))
+    _check_raw(raw_images, x)
+    rule, stat, tau, P = "given", None, None, plan.n_patches
+    if P is None:  # Rules (Table 2) on the raw pixels.
+        P, rule, stat, tau = _rule_n_patches(images, raw_images, x, F, patch)
+        _check_patch_count(B, P, k, C * patch[0] * patch[1], x.device, x.dtype)
 
     centroids = _cluster(km, x, patch, dil, P)
     centroids = centre_crop(centroids, C, patch, kernel)

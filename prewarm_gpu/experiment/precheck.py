@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import as_pair, check_int, is_real
 from ..data import DATASETS
 from ..layers import find_conv
 from ..models import build_model
-from ..prewarm import _check_memory, _check_target, _kmeans
+from ..prewarm import _check_target, plan_prewarm
 from .arms import seeded_cpu_rng
 from .plan import RunSpec
 
@@ -31,52 +30,16 @@ __all__ = ["check_prewarm_options", "check_arms"]
 def check_prewarm_options(model: nn.Module, batch_shape: Sequence[int], options: dict[str, Any],
                           device: str | torch.device = "cpu") -> None:
     """Raise what :func:`prewarm_gpu.prewarm_` would raise for ``options`` on ``model`` and a
-    batch of ``batch_shape`` (B, C, H, W), for every check that needs no pixel values: the target
-    conv, ``patch_size`` against the kernel and the images, ``n_clusters`` against the filters,
-    ``n_patches`` against ``n_clusters`` and the memory of ``device``, ``scale``,
-    ``kmeans_options``. ``n_patches="auto"`` depends on the pixels (eq. 5/6): not checked here.
-
-    The same order and messages as ``prewarm_``'s own checks, whose helpers it calls where they
-    are separate functions (``_check_target``, ``_kmeans``, ``_check_memory``).
-    """
-    B, C, H, W = batch_shape
-    name, conv = find_conv(model, C, options.get("layer"))
+    batch of ``batch_shape`` (B, C, H, W), for every check that needs no pixel value: the target
+    conv, then :func:`prewarm_gpu.prewarm.plan_prewarm` (the same code ``prewarm_`` runs) with
+    the memory of ``device`` for a float32 patch matrix. ``n_patches="auto"`` depends on the
+    pixels (eq. 5/6): its patch count is not checked here."""
+    name, conv = find_conv(model, batch_shape[1], options.get("layer"))
     _check_target(conv, name)
-    F = conv.out_channels
-    kernel = tuple(conv.kernel_size)
-    ps = options.get("patch_size")
-    patch = kernel if ps is None else as_pair(ps, "patch_size")
-    if patch[0] < kernel[0] or patch[1] < kernel[1]:
-        raise ValueError(f"patch_size {patch} is smaller than the kernel {kernel}")
-    dil = tuple(conv.dilation)
-    span = ((patch[0] - 1) * dil[0] + 1, (patch[1] - 1) * dil[1] + 1)
-    if H < span[0] or W < span[1]:
-        raise ValueError(f"images of {H}×{W} are smaller than the {span[0]}×{span[1]} patch")
-    if C * patch[0] * patch[1] == 1:
-        raise ValueError("a 1×1 patch of one channel is 0 after mean-centring, so Pre-Warm's "
-                         "centroids would all be 0; it needs C·K_h·K_w > 1")
-    nc = options.get("n_clusters")
-    k = F // 2 if nc is None else check_int("n_clusters", nc, 1, F)
-    if k < 1:
-        raise ValueError(f"n_clusters = ⌊F/2⌋ = 0 for a conv with out_channels={F}")
-    _kmeans(k, options.get("kmeans_options"), torch.Generator())
-    n_patches = options.get("n_patches", "auto")
-    if n_patches != "auto":
-        if isinstance(n_patches, str):
-            raise ValueError(f"n_patches must be an int or 'auto', got {n_patches!r}")
-        P = check_int("n_patches", n_patches, 1)
-        if B * P < k:
-            raise ValueError(f"{B} images × {P} patches = {B * P} patches, fewer than "
-                             f"n_clusters={k}")
-        _check_memory(B * P, C * patch[0] * patch[1], torch.device(device))
-    positions = (H - span[0] + 1) * (W - span[1] + 1)
-    if B * positions < k:
-        raise ValueError(f"{B} images of {H}×{W} hold {B * positions} distinct {span[0]}×"
-                         f"{span[1]} windows, fewer than n_clusters={k}: some filters would be "
-                         "copies of others")
-    scale = options.get("scale", "auto")
-    if scale != "auto" and not (is_real(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0 or 'auto', got {scale!r}")
+    plan_prewarm(conv, name, tuple(batch_shape), n_clusters=options.get("n_clusters"),
+                 n_patches=options.get("n_patches", "auto"), scale=options.get("scale", "auto"),
+                 patch_size=options.get("patch_size"),
+                 kmeans_options=options.get("kmeans_options"), device=device)
 
 
 # The initialisers whose options can be checked without data, and how.
