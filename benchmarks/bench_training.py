@@ -64,15 +64,21 @@ def models_for(data: ImageData, seeds: list[int]) -> list[torch.nn.Module]:
     for s in seeds:
         for _ in range(2):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+                torch.default_generator.manual_seed(s)  # the CPU generator alone, as build_arm
                 m = SimpleCNN(data.spec.in_channels, data.spec.n_classes, data.spec.image_size)
             out.append(m.to(data.device))
     return out
 
 
+def is_cuda(device: str | torch.device) -> bool:
+    """Whether ``device`` is a CUDA device ("cuda", "cuda:1", ``torch.device("cuda", 0)``): its
+    kernels are queued, so timings must synchronise."""
+    return torch.device(device).type == "cuda"
+
+
 def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
 
 
 def paper_style(model, data: ImageData, cfg: TrainConfig, seed: int) -> float:
@@ -150,7 +156,7 @@ def main(argv=None) -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(), "processor": platform.processor(),
                     "cpu_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else None},
+                    "gpu": torch.cuda.get_device_name(dev) if is_cuda(dev) else None},
         "args": vars(args), "datasets": {},
     }
     sweep_seconds = 0.0
@@ -161,8 +167,8 @@ def main(argv=None) -> dict:
         cfg_cmp = replace(base, steps=cmp_steps, loss_points=min(10, cmp_steps))
         runs = 2 * len(seeds)
         row = {"runs": runs, "compare_steps": cmp_steps}
-        if dev == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        if is_cuda(dev):
+            torch.cuda.reset_peak_memory_stats(dev)
         # Side by side on the same runs and steps: (a) and (b) one run at a time, (c) batched.
         # Warm-up (cuDNN autotuning, allocator) excluded: one short run of each first.
         # Model construction is inside the timings, the same for all three.
@@ -194,8 +200,8 @@ def main(argv=None) -> dict:
         row["sweep_steps"] = args.steps
         row["sweep_batched_s"] = t_sweep
         sweep_seconds += t_sweep
-        if dev == "cuda":
-            row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if is_cuda(dev):
+            row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         result["datasets"][name] = row
         print(f"{name}: (a) {t_a:.2f}s (b) {t_b:.2f}s (c) {t_c:.2f}s for {runs} runs × "
               f"{cmp_steps} steps; batched {t_a / t_c:.1f}× paper-style, "

@@ -35,6 +35,7 @@ from .bmm import BmmSimpleCNN
 from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
 from .models import SimpleCNN, conv_blocks
+from .precision import float32_scope
 from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
 __all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BACKENDS",
@@ -43,22 +44,26 @@ __all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BA
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-@contextlib.contextmanager
-def _precision(precision: str, device: torch.device):
-    """fp32: exact; tf32: TF32 matmuls and convolutions; bf16: autocast (BatchNorm stays fp32)."""
-    if precision == "fp32":
-        yield
-        return
-    if precision == "tf32":
-        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        yield
+def _autocast(precision: str, device: torch.device):
+    """The autocast region of one forward pass: bf16 autocast (BatchNorm and the loss stay fp32)
+    for ``"bf16"``; nothing for fp32/tf32 (the trainer runs with autocast off).
+
+    A fresh region per forward, with its weight-cast cache off: autocast casts each fp32 weight
+    once and reuses the copy until the *outermost* region exits, so one region around the whole
+    step loop (as before) trained on the step-0 bf16 weights forever (the loop backend learnt
+    nothing; the grouped one froze its convolutions). The trainer's own autocast-off region is
+    outermost here, so only a disabled cache keeps each forward on the current weights. The
+    backward pass and Adam run outside, as PyTorch recommends.
+    """
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def _float32_mode(precision: str) -> str:
+    """The :func:`prewarm_gpu.precision.float32_scope` mode of a precision: TF32 for "tf32",
+    IEEE otherwise (bf16's fp32 ops — BatchNorm, the loss, Adam — are IEEE too)."""
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def _check_models(models: list[nn.Module], seeds: list[int], device: torch.device) -> None:
@@ -418,7 +423,10 @@ def train_batched(
         data: the dataset (uint8 on its device).
         config: the protocol (shared by all runs).
         seeds: the data-order seed of each run.
-        precision: ``"fp32"`` (default, as the paper), ``"tf32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"`` (default, as the paper: IEEE float32, TF32 off on CUDA),
+            ``"tf32"`` (TF32 convolutions and matmuls on CUDA) or ``"bf16"`` (autocast around
+            each forward pass). Every precision runs with cuDNN deterministic and benchmark off;
+            the caller's flags are restored after (:mod:`prewarm_gpu.precision`).
         backend: ``"grouped"`` (SimpleCNN only: :class:`GroupedSimpleCNN`), ``"vmap"`` (any
             architecture without auxiliary heads), ``"loop"`` (per-run kernels in one step; any
             model) or ``"auto"``: the fastest measured (:data:`MEASURED`).
@@ -431,6 +439,16 @@ def train_batched(
     _check_models(models, seeds, dev)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # Autocast off around everything (a caller's region would otherwise lower fp32's forward
+    # and every backward matmul); bf16 turns it on for each forward pass alone.
+    with float32_scope(_float32_mode(precision)), torch.autocast(dev.type, enabled=False):
+        return _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint,
+                      progress)
+
+
+def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint, progress):
+    """:func:`train_batched` on valid input, inside its float32 scope."""
+    dev = data.device
     t0 = time.perf_counter()
     R = len(models)
     for m in models:
@@ -445,7 +463,7 @@ def train_batched(
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is None:
         start = 0
-        curves.accuracy(0, _evaluate(stack, data, cfg))
+        curves.accuracy(0, _evaluate(stack, data, cfg, precision))
     else:
         start, state = resumed
         stack.load_state_dict(state["stack"])
@@ -458,33 +476,33 @@ def train_batched(
         if progress:
             progress(R * start)
     marks = curves.marks
-    with _precision(precision, dev):
-        for t in range(start, cfg.steps):
-            step = t + 1
-            idx = torch.stack([next(s) for s in streams])  # (R, B)
-            x = data.standardise(data.train_x[idx.reshape(-1)])
-            x = x.reshape(R, cfg.batch_size, *x.shape[1:])
+    for t in range(start, cfg.steps):
+        step = t + 1
+        idx = torch.stack([next(s) for s in streams])  # (R, B)
+        x = data.standardise(data.train_x[idx.reshape(-1)])
+        x = x.reshape(R, cfg.batch_size, *x.shape[1:])
+        with _autocast(precision, dev):
             objective, main = stack.train_loss(x, data.train_y[idx], cfg.aux_weight)
-            opt.zero_grad(set_to_none=True)
-            objective.sum().backward()
-            opt.step()
-            sched.step()
-            # A NaN/Inf objective fails the run even where the main head's loss is finite.
-            losses[t] = torch.where(torch.isfinite(objective), main, objective).detach()
-            if step in marks:
-                before = curves.done
-                curves.losses(step, losses)  # the host read of this point
-                if step in curves.acc_marks:
-                    curves.accuracy(step, _evaluate(stack, data, cfg))
-                if progress:
-                    progress(R * (step - before))
-                if not any(curves.alive):
-                    break
-            if checkpoint is not None and step < cfg.steps and checkpoint.due(step):
-                checkpoint.save(step, {
-                    "stack": stack.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "streams": [st.state_dict() for st in streams],
-                    "losses": losses[:step].cpu(), "curves": curves.state_dict()})
+        opt.zero_grad(set_to_none=True)
+        objective.sum().backward()
+        opt.step()
+        sched.step()
+        # A NaN/Inf objective fails the run even where the main head's loss is finite.
+        losses[t] = torch.where(torch.isfinite(objective), main, objective).detach()
+        if step in marks:
+            before = curves.done
+            curves.losses(step, losses)  # the host read of this point
+            if step in curves.acc_marks:
+                curves.accuracy(step, _evaluate(stack, data, cfg, precision))
+            if progress:
+                progress(R * (step - before))
+            if not any(curves.alive):
+                break
+        if checkpoint is not None and step < cfg.steps and checkpoint.due(step):
+            checkpoint.save(step, {
+                "stack": stack.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "streams": [st.state_dict() for st in streams],
+                "losses": losses[:step].cpu(), "curves": curves.state_dict()})
     if progress and curves.done < cfg.steps:
         progress(R * (cfg.steps - curves.done))  # the steps failed runs will not take
     stack.write_back(models)
@@ -558,12 +576,14 @@ _per_run_loss = torch.vmap(F.cross_entropy)  # each run's mean loss, as the sing
 
 
 @torch.no_grad()
-def _evaluate(stack, data: ImageData, cfg: TrainConfig) -> list[float]:
-    """Test accuracy of every run (eval mode: running statistics, no buffer updates)."""
+def _evaluate(stack, data: ImageData, cfg: TrainConfig, precision: str) -> list[float]:
+    """Test accuracy of every run (eval mode: running statistics, no buffer updates), in the
+    run's precision."""
     correct = None
     for i in range(0, data.test_x.shape[0], cfg.eval_batch_size):
         x = data.standardise(data.test_x[i : i + cfg.eval_batch_size])
-        logits = stack.eval_logits(x)  # (R, M, classes)
+        with _autocast(precision, data.device):
+            logits = stack.eval_logits(x)  # (R, M, classes)
         hits = (logits.argmax(-1) == data.test_y[i : i + cfg.eval_batch_size]).sum(1)
         correct = hits if correct is None else correct + hits
     return (correct.double() / data.test_x.shape[0]).tolist()

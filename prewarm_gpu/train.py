@@ -134,7 +134,8 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
         config: the protocol.
         seed: seeds the data order, ``torch.Generator(device).manual_seed(seed)``; the first
             batch is :func:`prewarm_gpu.data.first_batch_indices` of the same seed.
-        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"`` (IEEE), ``"tf32"`` or ``"bf16"`` (autocast); see
+            :func:`prewarm_gpu.batched.train_batched`.
         channels_last: the model in NHWC (default: on the CPU).
         checkpoint: in-run checkpoints (see :class:`prewarm_gpu.checkpoint.Checkpointer`).
         progress: called with the number of steps done since its last call.

@@ -16,7 +16,7 @@ def _models(digits, seeds):
     out = []
     for s in seeds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # the CPU generator alone
             m = SimpleCNN(1, 10, 8)
         pw = copy.deepcopy(m)
         prewarm_(pw, digits.standardise(digits.train_x[:256]),

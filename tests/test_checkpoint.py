@@ -26,7 +26,7 @@ def _models(seeds):
     out = []
     for s in seeds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)  # the CPU generator alone
             out.append(SimpleCNN(1, 10, 8))
     return out
 

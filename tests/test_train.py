@@ -47,7 +47,7 @@ def test_curve_steps():
 
 def test_short_digits_training_learns_well_above_chance(digits):
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # the CPU generator alone
         model = SimpleCNN(1, 10, 8)
     cfg = TrainConfig(steps=60, eval_points=3, loss_points=20)
     state = torch.get_rng_state()
@@ -106,9 +106,10 @@ def test_aux_logits_add_weighted_cross_entropy_to_the_objective_not_the_curve(di
         cfg = TrainConfig(steps=4, lr_start=1e-30, lr_end=0.0, loss_points=4, aux_weight=0.3)
         return torch.tensor(train(model, digits, cfg, seed=1).loss)
 
-    torch.manual_seed(0)
-    plain = Linear()
-    aux = WithAux()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)  # the CPU generator alone
+        plain = Linear()
+        aux = WithAux()
     aux.load_state_dict(plain.state_dict())
     x = digits.standardise(digits.train_x[:64])
     y = digits.train_y[:64]

@@ -22,9 +22,12 @@ from .plan import RunSpec, rule_text
 @contextlib.contextmanager
 def seeded_cpu_rng(seed: int) -> Iterator[None]:
     """The global CPU RNG seeded with ``seed`` inside, restored on exit: model constructors draw
-    their default weights from it, and nothing leaks either way."""
+    their default weights from it, and nothing leaks either way.
+
+    Only the CPU generator is seeded: ``torch.manual_seed`` would also reseed every CUDA device's
+    generator, which ``fork_rng(devices=[])`` does not restore."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
@@ -54,11 +57,12 @@ def init_with_generator(fn, model: nn.Module, batch: dict[str, torch.Tensor], se
 def build_arm(spec: RunSpec, data: ImageData) -> tuple[nn.Module, dict[str, Any]]:
     """Build the seed's model and apply the run's initialisation: ``(model, init report)``.
 
-    The weights are drawn on the CPU under ``torch.manual_seed(seed)`` (forked RNG), whatever the
-    device, then re-drawn as ``spec.baseline`` (:func:`prewarm_gpu.models.reinit_`, a CPU
-    generator seeded with the seed) when that is not PyTorch's default. Pre-Warm and other
-    data-dependent methods see the seed's first training batch (standardised, plus the raw [0, 1]
-    pixels), with ``generator=seed`` as their only random source.
+    The weights are drawn on the CPU from the CPU generator seeded with the seed (forked RNG,
+    :func:`seeded_cpu_rng`), whatever the device, then re-drawn as ``spec.baseline``
+    (:func:`prewarm_gpu.models.reinit_`, a CPU generator seeded with the seed) when that is not
+    PyTorch's default. Pre-Warm and other data-dependent methods see the seed's first training
+    batch (standardised, plus the raw [0, 1] pixels), with ``generator=seed`` as their only
+    random source.
     """
     s = data.spec
     with seeded_cpu_rng(spec.seed):

@@ -64,6 +64,7 @@ from torch import nn
 from .._random import as_generator
 from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
+from ..precision import float32_scope
 from ..registry import register
 from ._common import (
     AFFINE,
@@ -336,7 +337,8 @@ def datadep_(
         return _standardise_(module, x, beta)
 
     hook_for = first_call(init_layer)
-    with torch.no_grad(), rollback(model), measurement_mode(model):
+    # IEEE fp32 (no TF32 convolutions on CUDA) for the standardisation and gradient ratios.
+    with torch.no_grad(), rollback(model), measurement_mode(model), float32_scope("ieee"):
         forward_with_hooks(model, layers, hook_for, images, "datadep")
         between = None
         if between_layer:

@@ -39,6 +39,7 @@ from torch import nn
 
 from .._random import as_generator
 from ..checks import check_int, is_real
+from ..precision import float32_scope
 from ..registry import register
 from ._common import (
     AFFINE,
@@ -138,7 +139,8 @@ def lsuv_(
         return output
 
     hook_for = first_call(scale_layer)
-    with torch.no_grad(), rollback(model), measurement_mode(model):
+    # IEEE fp32 (no TF32 convolutions on CUDA): the variances are measured, not approximated.
+    with torch.no_grad(), rollback(model), measurement_mode(model), float32_scope("ieee"):
         if orthonormal:
             for _, m in layers:
                 orthonormal_(m.weight, generator=g)
