@@ -36,6 +36,7 @@ from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
 from .models import SimpleCNN, conv_blocks
 from .precision import float32_scope
+from .step import GRAPHS, TrainStep, make_runner
 from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
 __all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BACKENDS",
@@ -405,6 +406,7 @@ def train_batched(
     channels_last: bool | None = None,
     checkpoint: Checkpointer | None = None,
     progress: Callable[[int], None] | None = None,
+    graphs: str = "auto",
 ) -> list[TrainResult]:
     """Train ``models`` (one per seed in ``seeds``) together; returns one result per run.
 
@@ -434,19 +436,25 @@ def train_batched(
         checkpoint: where and how often to checkpoint; a usable checkpoint found there is
             continued from (bit-identical to an uninterrupted run on the CPU).
         progress: called with the number of run-steps done since its last call.
+        graphs: ``"auto"`` (on CUDA), ``"on"`` or ``"off"``: the step
+            (:meth:`prewarm_gpu.step.TrainStep.step`) captured once as a CUDA graph and replayed,
+            else run eagerly; the same arithmetic either way (:mod:`prewarm_gpu.step`).
     """
     cfg, dev = config, data.device
     _check_models(models, seeds, dev)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if graphs not in GRAPHS:
+        raise ValueError(f"graphs must be one of {GRAPHS}, got {graphs!r}")
     # Autocast off around everything (a caller's region would otherwise lower fp32's forward
     # and every backward matmul); bf16 turns it on for each forward pass alone.
     with float32_scope(_float32_mode(precision)), torch.autocast(dev.type, enabled=False):
         return _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint,
-                      progress)
+                      progress, graphs)
 
 
-def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint, progress):
+def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint, progress,
+           graphs):
     """:func:`train_batched` on valid input, inside its float32 scope."""
     dev = data.device
     t0 = time.perf_counter()
@@ -454,11 +462,11 @@ def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoi
     for m in models:
         m.train()
     stack = _choose(backend, models, dev, channels_last, tuple(data.train_x.shape[-2:]))
-    opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr_start, fused=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.t_max, eta_min=cfg.lr_end)
+    ts = TrainStep(stack, data, cfg, R, lambda: _autocast(precision, dev),
+                   capturable=dev.type == "cuda")
     streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,
                            torch.Generator(device=dev).manual_seed(s)) for s in seeds]
-    losses = torch.empty(cfg.steps, R, dtype=torch.float32, device=dev)
+    losses = ts.losses
     curves = _Curves(R, cfg)
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is None:
@@ -467,8 +475,7 @@ def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoi
     else:
         start, state = resumed
         stack.load_state_dict(state["stack"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        ts.load_state_dict(state, start)
         for st, sd in zip(streams, state["streams"], strict=True):
             st.load_state_dict(sd)
         losses[:start] = state["losses"].to(dev)
@@ -476,19 +483,10 @@ def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoi
         if progress:
             progress(R * start)
     marks = curves.marks
+    run_step = make_runner(ts, graphs, dev)
     for t in range(start, cfg.steps):
         step = t + 1
-        idx = torch.stack([next(s) for s in streams])  # (R, B)
-        x = data.standardise(data.train_x[idx.reshape(-1)])
-        x = x.reshape(R, cfg.batch_size, *x.shape[1:])
-        with _autocast(precision, dev):
-            objective, main = stack.train_loss(x, data.train_y[idx], cfg.aux_weight)
-        opt.zero_grad(set_to_none=True)
-        objective.sum().backward()
-        opt.step()
-        sched.step()
-        # A NaN/Inf objective fails the run even where the main head's loss is finite.
-        losses[t] = torch.where(torch.isfinite(objective), main, objective).detach()
+        run_step(torch.stack([next(s) for s in streams]))  # (R, B) batch indices, drawn here
         if step in marks:
             before = curves.done
             curves.losses(step, losses)  # the host read of this point
@@ -500,8 +498,8 @@ def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoi
                 break
         if checkpoint is not None and step < cfg.steps and checkpoint.due(step):
             checkpoint.save(step, {
-                "stack": stack.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "streams": [st.state_dict() for st in streams],
+                "stack": stack.state_dict(), **ts.state_dict(),
+                "streams": [st.state_dict() for st in streams],
                 "losses": losses[:step].cpu(), "curves": curves.state_dict()})
     if progress and curves.done < cfg.steps:
         progress(R * (cfg.steps - curves.done))  # the steps failed runs will not take
