@@ -42,6 +42,7 @@ from .data import (
     DatasetNotFoundError,
     canonical_name,
 )
+from .step import GRAPHS
 
 __all__ = ["main", "build_parser", "parse_init_options"]
 
@@ -183,6 +184,9 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="batched trainer: grouped convolutions, vmap, per-run kernels in one "
                    "step (loop), or batched matrix products over the runs (bmm); auto: the "
                    "fastest measured for the device (prewarm_gpu.batched.MEASURED)")
+    p.add_argument("--graphs", choices=GRAPHS, default="auto",
+                   help="capture the training step once as a CUDA graph and replay it (auto: on "
+                   "CUDA; a failed capture falls back to eager steps with a warning)")
     p.add_argument("--checkpoint-every", default="10m", metavar="N|Mm|Ss",
                    help="checkpoint the runs in training every N steps, M minutes or S seconds "
                    "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
@@ -360,7 +364,7 @@ def _filterbank(args: argparse.Namespace) -> int:
 # --- reproduce -----------------------------------------------------------------------------------
 
 def _sweep_config(args: argparse.Namespace):
-    from .experiment import SEEDS, SweepConfig
+    from .experiment import SweepConfig
 
     datasets = _datasets(args.dataset)
     options = parse_init_options(args.init_option)
@@ -373,39 +377,34 @@ def _sweep_config(args: argparse.Namespace):
     out = args.out or Path("runs") / ("all" if list(datasets) == list(PAPER_DATASETS)
                                       else "+".join(datasets))
     return SweepConfig(
-        datasets=datasets, seeds=list(dict.fromkeys(args.seeds or SEEDS)), inits=list(args.init),
-        init_options=options, out=out, device=args.device, data_dir=args.data_dir,
-        download=args.download, resume=args.resume, retry_failed=args.retry_failed,
-        save_models=args.save_models, plot=args.plot, progress=args.progress, steps=args.steps,
-        batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
-        eval_points=args.eval_points, aux_weight=args.aux_weight, target_loss=args.target_loss,
-        channels_last=args.channels_last, batch=args.batch, precision=args.precision,
-        backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
-        report_only=args.report_only, executor=args.executor, ray_address=args.ray_address,
-        group_size=args.group_size, schedule_steps=args.schedule_steps,
-        rule_source=args.rule_source,
-    )
+        datasets=datasets, inits=list(args.init), init_options=options, out=out,
+        save_models=args.save_models, eval_points=args.eval_points, aux_weight=args.aux_weight,
+        target_loss=args.target_loss, **_engine_fields(args))
+
+
+_ENGINE_FIELDS = ("device", "data_dir", "download", "resume", "retry_failed", "plot", "progress",
+                  "steps", "batch_size", "lr_start", "lr_end", "channels_last", "batch",
+                  "precision", "backend", "graphs", "baseline", "checkpoint_every", "report_only",
+                  "executor", "ray_address", "group_size", "schedule_steps", "rule_source")
+
+
+def _engine_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep engine's fields, shared by ``reproduce`` and ``grid``: each is the flag of the
+    same name (:func:`_sweep_arguments`); the seeds default to the paper's."""
+    from .experiment import SEEDS
+
+    return {"seeds": list(dict.fromkeys(args.seeds or SEEDS)),
+            **{name: getattr(args, name) for name in _ENGINE_FIELDS}}
 
 
 def _grid_config(args: argparse.Namespace):
-    from .experiment import SEEDS
     from .experiment.grid import GridConfig
 
     (dataset,) = _datasets([args.dataset])
     return GridConfig(
-        datasets=[dataset], seeds=list(dict.fromkeys(args.seeds or SEEDS)),
-        out=args.out or Path("runs") / f"grid-{dataset}", device=args.device,
-        data_dir=args.data_dir, download=args.download, resume=args.resume,
-        retry_failed=args.retry_failed, plot=args.plot, progress=args.progress, steps=args.steps,
-        batch_size=args.batch_size, lr_start=args.lr_start, lr_end=args.lr_end,
-        channels_last=args.channels_last, batch=args.batch, precision=args.precision,
-        backend=args.backend, baseline=args.baseline, checkpoint_every=args.checkpoint_every,
-        report_only=args.report_only, group_size=args.group_size, executor=args.executor,
-        ray_address=args.ray_address,
+        datasets=[dataset], out=args.out or Path("runs") / f"grid-{dataset}",
         patch_size=args.patch_size, n_clusters=args.n_clusters, n_patches=args.n_patches,
-        scale=args.scale, metric=args.metric, schedule_steps=args.schedule_steps,
-        rule_source=args.rule_source,
-    )
+        scale=args.scale, metric=args.metric, **_engine_fields(args))
 
 
 def _grid(config) -> int:

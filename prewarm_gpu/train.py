@@ -122,7 +122,7 @@ def steps_to_target(loss_steps: list[int], loss: list[float | None],
 def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
           precision: str = "fp32", channels_last: bool | None = None,
           checkpoint: Checkpointer | None = None,
-          progress: Callable[[int], None] | None = None) -> TrainResult:
+          progress: Callable[[int], None] | None = None, graphs: str = "auto") -> TrainResult:
     """Train ``model`` on ``data`` with the protocol of §3.3 and the seed's data order.
 
     This is :func:`prewarm_gpu.batched.train_batched` with one run on the loop backend (the run's
@@ -139,6 +139,7 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
         channels_last: the model in NHWC (default: on the CPU).
         checkpoint: in-run checkpoints (see :class:`prewarm_gpu.checkpoint.Checkpointer`).
         progress: called with the number of steps done since its last call.
+        graphs: the step as a CUDA graph (``"auto"``: on CUDA); see :mod:`prewarm_gpu.step`.
 
     Returns:
         :class:`TrainResult`; a NaN/Inf loss gives ``status="failed"`` with ``failed_step``.
@@ -147,4 +148,4 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
 
     return train_batched([model], data, config, seeds=[seed], precision=precision,
                          backend="loop", channels_last=channels_last, checkpoint=checkpoint,
-                         progress=progress)[0]
+                         progress=progress, graphs=graphs)[0]

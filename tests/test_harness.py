@@ -125,6 +125,18 @@ def test_run_keys_follow_the_config():
     assert plan_runs(tiny(Path("x"), init_options={"prewarm": {"scale": 0.1}}))[1].key != key
 
 
+def test_protocol_4_rekeys_cuda_and_bf16_runs_only():
+    """Protocol 4 changed CUDA's arithmetic (IEEE fp32, deterministic cuDNN) and bf16's; CPU
+    fp32/tf32 runs are bit-identical to protocol 3's and keep it (and their keys)."""
+    from prewarm_gpu.experiment.plan import protocol_of
+
+    assert protocol_of("cpu", "fp32") == protocol_of("cpu", "tf32") == 3
+    assert protocol_of("cpu", "bf16") == protocol_of("cuda", "fp32") == 4
+    cpu = plan_runs(tiny(Path("x")))[0]
+    assert cpu.config["protocol"] == 3
+    assert plan_runs(tiny(Path("x"), precision="bf16"))[0].config["protocol"] == 4
+
+
 def test_an_initialisers_version_rekeys_its_runs_only(monkeypatch):
     """A change to one initialiser's results bumps its registry version: its runs get new keys
     (``--resume`` reruns them), the Kaiming runs keep theirs (version 1 adds nothing to a key)."""

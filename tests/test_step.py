@@ -118,6 +118,16 @@ def test_graphs_option_is_checked(digits):
         train_batched(_models(1), digits, TrainConfig(steps=1), seeds=[0], graphs="yes")
 
 
+def test_graphs_on_without_cuda_is_exit_2_before_any_training(tmp_path, capsys):
+    from prewarm_gpu import cli
+
+    code = cli.main(["reproduce", "--out", str(tmp_path / "r"), "--steps", "2", "--seeds", "1",
+                     "--device", "cpu", "--graphs", "on", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--graphs on needs a CUDA device" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_failed_capture_falls_back_to_eager_with_one_warning(digits, one_thread, monkeypatch):
     """Capture cannot run on a CPU: make it raise, as a capture failure on CUDA would, and the
     graphed runner warns once naming the cause and trains eagerly, the same bits."""

@@ -22,16 +22,24 @@ from ..checkpoint import parse_every
 from ..checks import is_int, is_real
 from ..data import DATASETS
 from ..models import BASELINES, MODELS, build_model
+from ..step import GRAPHS
 from ..train import TrainConfig
 from .jsonable import jsonable
 
 SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
 DEFAULT_ARCH = "simplecnn"
 BASELINE = "kaiming"
-PROTOCOL = 3  # bump when a change to the training code changes results: old runs then rerun
+PROTOCOL = 4  # bump when a change to the training code changes results: old runs then rerun
 # (a change to one initialiser's results bumps that initialiser's registry version instead)
 # 3: one trainer for one run and many, with a fused Adam (results move by float rounding)
+# 4: IEEE fp32 and deterministic cuDNN on CUDA, Adam capturable there, bf16 autocast per forward
+#    pass. CPU fp32/tf32 results are bit-identical to 3's: they keep 3 (:func:`protocol_of`).
 
+
+def protocol_of(device_type: str, precision: str) -> int:
+    """The protocol version in a run's key: :data:`PROTOCOL`, except 3 for CPU fp32/tf32 runs,
+    whose results protocol 4 left bit-identical (so their recorded runs keep their keys)."""
+    return 3 if device_type == "cpu" and precision != "bf16" else PROTOCOL
 
 
 @dataclass
@@ -62,7 +70,8 @@ class SweepConfig:
     channels_last: bool = True  # NHWC model, single-run trainer (both arms alike): ~30 % faster
     batch: bool = True  # train the runs of a dataset together as one stacked model (issue 5)
     precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
-    backend: str = "auto"  # batched trainer: auto | grouped | vmap | loop (see prewarm_gpu.batched)
+    backend: str = "auto"  # auto | grouped | vmap | loop | bmm (prewarm_gpu.batched)
+    graphs: str = "auto"  # the step as a CUDA graph: auto (on CUDA) | on | off (prewarm_gpu.step)
     baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
     checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
     report_only: bool = False  # rewrite summary, table (and plots) from results.jsonl; train none
@@ -120,7 +129,8 @@ class RunSpec:
         config = {"dataset": self.dataset, "arch": self.arch, "init": self.init,
                   "options": jsonable(dict(self.options)), "train": t,
                   "device_type": self.device_type, "channels_last": self.channels_last,
-                  "precision": self.precision, "baseline": self.baseline, "protocol": PROTOCOL}
+                  "precision": self.precision, "baseline": self.baseline,
+                  "protocol": protocol_of(self.device_type, self.precision)}
         version = getattr(registry.get(self.init), "version", 1)
         if version > 1:  # version 1 adds nothing, so the keys of runs recorded before it stay
             config["init_version"] = version
@@ -204,10 +214,15 @@ def check_train_floats(tc: TrainConfig) -> None:
 
 def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
     """Refuse a sweep that cannot run, before any training: unknown initialisers, options or
-    models, bad seeds, a bad checkpoint interval or baseline."""
+    models, bad seeds, a bad checkpoint interval or baseline, CUDA graphs off CUDA."""
     for arm in arms:
         registry.get(arm.init)  # KeyError listing the known names
         registry.check_options(arm.init, dict(arm.options))
+    if config.graphs not in GRAPHS:
+        raise ValueError(f"--graphs must be one of {GRAPHS}, got {config.graphs!r}")
+    if config.graphs == "on" and torch.device(config.device).type != "cuda":
+        raise ValueError(f"--graphs on needs a CUDA device (a CUDA graph), got --device "
+                         f"{config.device}; use auto or off")
     bad = [s for s in config.seeds if not is_int(s) or not 0 <= s < 2**64]
     if not config.seeds or bad:  # torch.Generator.manual_seed takes [0, 2**64) (and negatives)
         raise ValueError(f"seeds must be ints in [0, 2**64 - 1], got {bad or config.seeds}")
