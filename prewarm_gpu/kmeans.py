@@ -27,6 +27,20 @@ How the loop avoids the host (the GPU's cost at these sizes is launches and sync
   Steps after the stop were computed but are discarded: the state at the stop step is taken from the
   chunk's history. ``loop="host"`` is the same code with the host looking after every step (no
   wasted steps; on the CPU a look is free).
+- **Pure functions**: a chunk (:func:`_chunk`: state and the chunk's gathered batches in; state,
+  each step's running sums and the stop index out) and k-means++'s rounds
+  (:func:`_kmeans_plusplus_rounds`, given its drawn first centres and uniforms) are functions of
+  tensors with no host read, no branch on a value and no data-dependent shape; the random draws,
+  the gather of the batch rows and the host's one read per chunk stay outside them. TorchDynamo
+  traces both whole (``tests/test_kmeans_graphs.py``).
+
+What runs as a CUDA graph (``graphs="auto"`` on CUDA, or ``True``): those two functions, each
+captured once per (constants, shapes, dtypes, device), kept in a small module-level cache and
+replayed, with the inputs copied into its static buffers first; the draws, the gather, the
+validation inertia of the candidates, ``tol``'s variance and the final labels run eagerly around
+them. A capture that fails falls back to eager for the rest of the fit with one warning naming
+the cause; the eager path is the same functions, so the bits are the same. On the CPU
+(``"auto"``) everything is eager; ``graphs=True`` there is refused. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
