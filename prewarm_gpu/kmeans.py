@@ -27,16 +27,33 @@ How the loop avoids the host (the GPU's cost at these sizes is launches and sync
   Steps after the stop were computed but are discarded: the state at the stop step is taken from the
   chunk's history. ``loop="host"`` is the same code with the host looking after every step (no
   wasted steps; on the CPU a look is free).
+- **Pure functions**: a chunk (:func:`_chunk`: state and the chunk's gathered batches in; state,
+  each step's running sums and the stop index out) and k-means++'s rounds
+  (:func:`_kmeans_plusplus_rounds`, given its drawn first centres and uniforms) are functions of
+  tensors with no host read, no branch on a value and no data-dependent shape; the random draws,
+  the gather of the batch rows and the host's one read per chunk stay outside them. TorchDynamo
+  traces both whole (``tests/test_kmeans_graphs.py``).
+
+What runs as a CUDA graph (``graphs="auto"`` on CUDA, or ``True``): those two functions, each
+captured once per (constants, shapes, dtypes, device), kept in a small module-level cache and
+replayed, with the inputs copied into its static buffers first; the draws, the gather, the
+validation inertia of the candidates, ``tol``'s variance and the final labels run eagerly around
+them. A capture that fails falls back to eager for the rest of the fit with one warning naming
+the cause; the eager path is the same functions, so the bits are the same. On the CPU
+(``"auto"``) everything is eager; ``graphs=True`` there is refused. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
 import warnings
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._random import as_generator
 from .checks import all_finite, is_int, is_real
@@ -153,25 +170,48 @@ def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.cat(labels, -1), inertia.clamp(min=0)
 
 
-def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator,
+                     runner: _Runner | None = None) -> torch.Tensor:
     """Greedy k-means++ on R subsamples at once: xs (R, m, d) → centres (R, k, d), float64.
 
     scikit-learn's ``_kmeans_plusplus``: first centre uniform; each next centre is the best of
     ``2 + int(ln k)`` candidates drawn ∝ D², the one that lowers the total potential most. Points
     are addressed by flat indices into the (R·m, d) stack, and every uniform draw is made up front.
     Distances by the float64 expansion in one product: ``[c, ‖c‖², 1] · [-2x, 1, ‖x‖²]``.
+    The draws are made here; the rounds are :func:`_kmeans_plusplus_rounds`, a pure function.
+    """
+    R, m, _ = xs.shape
+    trials = 2 + int(math.log(k))
+    first = torch.randint(0, m, (R, 1), generator=g, device=xs.device)  # (R, 1)
+    u = torch.rand(k - 1, R, trials, generator=g, device=xs.device, dtype=_F64)
+    if runner is None:
+        return _kmeans_plusplus_rounds(xs, first, u)
+    return runner(("k-means++",), _kmeans_plusplus_rounds, (xs, first, u))
+
+
+def _kmeans_plusplus_rounds(xs: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """k-means++'s k-1 greedy rounds given its draws: a pure function of tensors (capturable).
+
+    Args:
+        xs: (R, m, d) subsamples.
+        first: (R, 1) the first centre's row in each subsample, uniform in [0, m).
+        u: (k-1, R, t) float64 uniforms in [0, 1), t candidates per round.
+
+    Returns:
+        (R, k, d) float64 centres. A fixed Python loop over shapes: no host read, no branch on a
+        value, no data-dependent shape.
     """
     R, m, d = xs.shape
+    k = u.shape[0] + 1
     dev = xs.device
-    trials = 2 + int(math.log(k))
     xs = xs.to(_F64)
     x_sq = (xs * xs).sum(-1, keepdim=True)  # (R, m, 1)
     ones = torch.ones_like(x_sq)
     rows = torch.cat([xs, x_sq, ones], -1).view(R * m, d + 2)  # a point as a centre
     cols = torch.cat([-2 * xs, ones, x_sq], -1).transpose(1, 2).contiguous()  # (R, d+2, m)
     offset = torch.arange(R, device=dev).unsqueeze(1) * m  # flat index of each subsample's row 0
-    first = torch.randint(0, m, (R, 1), generator=g, device=dev) + offset  # (R, 1)
-    u = torch.rand(k - 1, R, trials, generator=g, device=dev, dtype=_F64).unbind(0)
+    first = first + offset  # (R, 1) flat
+    u = u.unbind(0)
 
     def dists(idx):  # (R, t) flat indices → (R, t, m) squared distances to every point
         pts = rows.index_select(0, idx.view(-1)).view(R, -1, d + 2)
@@ -271,6 +311,149 @@ class _LoopParams:
         self.tol = tol
         self.arange_k = None  # (k, 1) on the data's device: sums by one-hot product (not CPU)
 
+    def key(self) -> tuple:
+        """Everything here that a chunk's computation depends on, for the graph cache."""
+        return (self.k, self.batch, self.alpha, self.ratio, self.max_reassign, self.rank_limit,
+                self.always_check, self.patience, self.tol, self.arange_k is not None)
+
+
+def _chunk(state: tuple, x1: torch.Tensor, x_sq: torch.Tensor, *, weights, p: _LoopParams,
+           skip: int, first: bool):
+    """One chunk of the loop, a pure function of tensors: L steps, then the stopping rule.
+
+    Args:
+        state: ``(T, c, c_sq, since, carry)``: the running sums (k, d+1), the centres (k, d),
+            their squared norms (k, 1), the samples seen since reassignment was last checked
+            (0-d long) and :func:`_stop_rule`'s carry.
+        x1: (L, b, d+1) the chunk's batches as ``[x, 1]`` rows, gathered outside (the draws are
+            the caller's).
+        x_sq: (L,) ``Σ‖x‖²`` of each batch.
+        weights: :func:`_ewa_weights` for ``L - skip`` steps (None when ``L <= skip``).
+        p: the loop's constants (``p.arange_k`` chooses the one-hot sums, see :func:`_accumulate`).
+        skip: 1 when the chunk starts with the fit's first step, whose inertia is not judged.
+        first: the first judged step is the fit's first counted one (the EWA starts there).
+
+    Returns:
+        ``(state, hist, stop_at)``: the state after the L steps; the running sums after each step
+        (a tuple of L); and a 0-d long tensor, the first step (counted from ``skip``) at which
+        scikit-learn stops, ``L - skip`` if none (None when no step is judged). No host read, no
+        branch on a value and no data-dependent shape inside: it traces whole
+        (``torch.compile(fullgraph=True)``) and is captured as one CUDA graph.
+    """
+    d = x1.shape[-1] - 1
+    xs = x1.unbind(0)
+    cands = x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * x1.shape[0]
+    xts = x1[..., :d].transpose(1, 2).unbind(0)  # the points, without the count column
+    return _chunk_steps(state, xs, xts, cands, x_sq, weights, p, skip, first)
+
+
+def _chunk_steps(state, xs, xts, cands, x_sq, weights, p, skip, first):
+    """:func:`_chunk` given the per-step views of x1 (the host loop makes them once per draw)."""
+    T, c, c_sq, since, carry = state
+    hist, mins, moved = [], [], []
+    for x1, xt, cand in zip(xs, xts, cands, strict=True):
+        check = None
+        if p.ratio > 0 and not p.always_check:
+            since = since + p.batch
+            check = (T[:, -1] < 1).any() | (since >= 10 * p.k)
+            since = torch.where(check, 0, since)
+        old = c
+        T, c, c_sq, m = _step(T, c, c_sq, x1, xt, cand, p, check)
+        hist.append(T)
+        mins.append(m)
+        if p.tol > 0:
+            moved.append((c - old).square().sum())
+    stop_at = None
+    if len(xs) > skip:
+        b = (torch.stack(mins[skip:]).sum(1) + (x_sq[skip:] if skip else x_sq)) / p.batch
+        stop, carry = _stop_rule(b, carry, p, first, weights,
+                                 torch.stack(moved[skip:]) if moved else None)
+        stop_at = torch.cat([stop, stop.new_ones(1)]).int().argmax()
+    return (T, c, c_sq, since, carry), tuple(hist), stop_at
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+_GRAPHS: collections.OrderedDict = collections.OrderedDict()  # full key → capture, or its error
+_GRAPHS_MAX = 32  # captures kept (least recently used dropped): a fit uses at most 4
+_WARMUP = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator pools)
+
+
+def _resolve_graphs(graphs: bool | str, device: torch.device) -> bool:
+    """``"auto"``: CUDA graphs on CUDA; ``True`` elsewhere is refused (it cannot be honoured)."""
+    if graphs == "auto":
+        return device.type == "cuda"
+    if graphs and device.type != "cuda":
+        raise ValueError(f"graphs=True needs X on a CUDA device (CUDA graphs), got X on "
+                         f"{device}; pass graphs='auto' or graphs=False")
+    return bool(graphs)
+
+
+def _capture(fn, args: tuple):
+    """Capture ``fn(*args)`` as a CUDA graph over static copies of args' tensors.
+
+    PyTorch's recipe (``torch/cuda/graphs.py``, CUDA-graph notes): a few eager runs on a side
+    stream, then capture; the graph reads and writes fixed addresses, so later calls ``copy_``
+    their inputs into ``static_in`` and read ``static_out`` after ``replay()``.
+
+    Returns:
+        ``(static_in, static_out, replay)``.
+    """
+    static_in = tree_map(torch.Tensor.clone, args)
+    dev = tree_leaves(args)[0].device
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP):
+            fn(*static_in)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static_in)
+    return static_in, static_out, graph.replay
+
+
+class _Runner:
+    """Runs a fit's pure functions: eagerly, or (``graphs``) each as a cached CUDA graph.
+
+    A graph is captured once per (key, shapes, dtypes, devices) and kept in ``_GRAPHS``; the key
+    holds every constant the function depends on, so a later fit of the same sizes replays it.
+    A failed capture is remembered, and the fit goes on eagerly after one warning naming the
+    cause (the eager path is the same function, so the results are the same). Graphs share
+    static buffers: concurrent fits of the same sizes in threads must not use them.
+    """
+
+    def __init__(self, graphs: bool):
+        self.graphs = graphs
+
+    def __call__(self, key: tuple, fn, args: tuple):
+        if not self.graphs:
+            return fn(*args)
+        leaves = tree_leaves(args)
+        full = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in leaves))
+        entry = _GRAPHS.get(full)
+        if entry is None:
+            try:
+                entry = _capture(fn, args)
+            except Exception as e:  # noqa: BLE001 -- any failure: the eager path still holds
+                entry = f"{type(e).__name__}: {e}"
+            _GRAPHS[full] = entry
+            while len(_GRAPHS) > _GRAPHS_MAX:
+                _GRAPHS.popitem(last=False)
+        _GRAPHS.move_to_end(full)
+        if isinstance(entry, str):
+            self.graphs = False
+            name = getattr(fn, "func", fn).__name__
+            warnings.warn(f"MiniBatchKMeans: CUDA graph capture of {name} failed ({entry}); "
+                          f"this fit runs eagerly (the same results, without graphs)",
+                          RuntimeWarning, stacklevel=4)
+            return fn(*args)
+        static_in, static_out, replay = entry
+        for dst, src in zip(tree_leaves(static_in), leaves, strict=True):
+            if dst is not src:
+                dst.copy_(src)
+        replay()
+        return static_out
+
 
 def _ewa_weights(S: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, L) with ``ewa = P·e₀ + L @ b``: the EWA recurrence ``e_t = (1-α) e_{t-1} + α b_t`` over S
@@ -351,6 +534,10 @@ class MiniBatchKMeans:
             ``"auto"``: device (measured faster on the CPU too; see ``_resolve_loop``).
         sync_every: steps per chunk: batch indices are drawn, and on the device loop the host
             looks, once per chunk (default 16).
+        graphs: run k-means++ and each chunk as a CUDA graph (captured once per sizes, cached,
+            replayed): ``"auto"``: on CUDA; ``True``: required (refused off CUDA); ``False``:
+            eager. The results are the same bits either way; a failed capture falls back to
+            eager with a warning.
 
     Fitted attributes: ``cluster_centers_``, ``labels_``, ``inertia_`` (a float; reading it is the
     fit's last host sync), ``n_steps_``, ``n_iter_``, ``init_inertia_``.
@@ -376,6 +563,7 @@ class MiniBatchKMeans:
         random_state: int | torch.Generator | None = None,
         loop: str = "auto",
         sync_every: int = 16,
+        graphs: bool | str = "auto",
     ):
         self.n_clusters = n_clusters
         self.init = init
@@ -389,6 +577,7 @@ class MiniBatchKMeans:
         self.random_state = random_state
         self.loop = loop
         self.sync_every = sync_every
+        self.graphs = graphs
 
     # ------------------------------------------------------------------ validation
     def check_params(self) -> None:
@@ -410,6 +599,8 @@ class MiniBatchKMeans:
         v = self.reassignment_ratio
         if not is_real(v) or not 0 <= v <= 1:
             raise ValueError(f"reassignment_ratio must be a number in [0, 1], got {v!r}")
+        if not (self.graphs == "auto" or isinstance(self.graphs, bool)):
+            raise ValueError(f"graphs must be 'auto', True or False, got {self.graphs!r}")
         if self.loop not in _LOOPS:
             raise ValueError(f"loop must be one of {_LOOPS}, got {self.loop!r}")
         if isinstance(self.init, str) and self.init != "k-means++":
@@ -465,6 +656,7 @@ class MiniBatchKMeans:
         n, d = X.shape
         k = int(self.n_clusters)
         dev = X.device
+        runner = _Runner(_resolve_graphs(self.graphs, dev))
         g = as_generator(self.random_state, dev)
         # An exact power-of-two rescaling (no host read): labels and centres are the same bits
         # at every power-of-two scale of the data, and no square over- or underflows.
@@ -488,7 +680,7 @@ class MiniBatchKMeans:
                 xs = X[sub]
             else:
                 xs = X.unsqueeze(0).expand(int(self.n_init), n, d)
-            cands = _kmeans_plusplus(xs, k, g)  # (n_init, k, d)
+            cands = _kmeans_plusplus(xs, k, g, runner)  # (n_init, k, d)
         cand_inertia = _labels_inertia(valid.expand(cands.shape[0], -1, -1), cands)[1]
         best = cands.index_select(0, cand_inertia.argmin().reshape(1))[0]  # ties: the first
 
@@ -496,7 +688,7 @@ class MiniBatchKMeans:
         if self.tol > 0:
             tol = float(_mean_variance(X)) * self.tol
         params = _LoopParams(self, n, k, batch, tol)
-        centres, n_steps = self._run(X, best, g, params)
+        centres, n_steps = self._run(X, best, g, params, runner)
 
         centres = centres.to(X.dtype)
         self.n_steps_ = n_steps
@@ -532,15 +724,17 @@ class MiniBatchKMeans:
         return float(self._init_inertia)
 
     def _run(self, X: torch.Tensor, centres: torch.Tensor, g: torch.Generator,
-             p: _LoopParams) -> tuple[torch.Tensor, int]:
+             p: _LoopParams, runner: _Runner | None = None) -> tuple[torch.Tensor, int]:
         """The mini-batch loop from ``centres`` (k, d); returns the final centres and the steps.
 
-        Chunks of ``sync_every`` steps: indices drawn at once, the steps run, the stopping rule
-        applied to the chunk's inertias; the host then reads the first stopping step, once per
-        chunk (device loop) or after every step (host loop).
+        Chunks of ``sync_every`` steps: indices drawn at once and the batches gathered, then
+        :func:`_chunk` (the steps and the stopping rule, through ``runner``: eager or a CUDA
+        graph); the host then reads the first stopping step, once per chunk (device loop) or
+        after every step (host loop: :func:`_chunk` over one step at a time).
         """
         n, d = X.shape
         dev = X.device
+        runner = runner or _Runner(False)
         budget = (int(self.max_iter) * n) // p.batch
         S = int(self.sync_every)
         look_every = 1 if _resolve_loop(self.loop) == "host" else S
@@ -554,6 +748,7 @@ class MiniBatchKMeans:
         carry = (X.new_zeros((), dtype=_F64), X.new_full((), math.inf, dtype=_F64),
                  torch.full((), -1, device=dev, dtype=torch.long))
         since = torch.zeros((), device=dev, dtype=torch.long)
+        state = (T, c, c_sq, since, carry)
         x_sq_all = _row_sq(X)  # ‖x‖² of every row
         buf = X.new_ones(S * p.batch, d + 1, dtype=_F64)  # batches as [x, 1] rows, reused
         start = 0
@@ -564,40 +759,36 @@ class MiniBatchKMeans:
             x1[:, :d] = X.index_select(0, idx)
             x1 = x1.view(rows, p.batch, d + 1)
             x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # Σ‖x‖² per batch
-            xs = x1.unbind(0)
-            cands = x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * rows
-            xts = x1[..., :d].transpose(1, 2).unbind(0)  # the points, without the count column
+            views = None
             for s0 in range(0, rows, look_every):
                 s1 = min(s0 + look_every, rows)
-                hist, mins, moved = [], [], []
-                for s in range(s0, s1):
-                    check = None
-                    if p.ratio > 0 and not p.always_check:
-                        since = since + p.batch
-                        check = (T[:, -1] < 1).any() | (since >= 10 * p.k)
-                        since = torch.where(check, 0, since)
-                    old = c
-                    T, c, c_sq, m = _step(T, c, c_sq, xs[s], xts[s], cands[s], p, check)
-                    hist.append(T)
-                    mins.append(m)
-                    if p.tol > 0:
-                        moved.append((c - old).square().sum())
                 # The fit's first step is not judged: its inertia measures the initial centres.
                 skip = 1 if start + s0 == 0 else 0
-                if s1 - s0 > skip:
-                    b = (torch.stack(mins[skip:]).sum(1) + x_sq[s0 + skip : s1]) / p.batch
-                    L = b.shape[0]
-                    if L not in weights:
-                        weights[L] = _ewa_weights(L, p.alpha, dev)
-                    stop, carry = _stop_rule(
-                        b, carry, p, start + s0 + skip == 1, weights[L],
-                        torch.stack(moved[skip:]) if moved else None)
-                    # The one host sync of these steps: the first stopping step, or L if none.
-                    j = int(torch.cat([stop, stop.new_ones(1)]).int().argmax())
+                first = start + s0 + skip == 1
+                L = s1 - s0 - skip
+                if L > 0 and L not in weights:
+                    weights[L] = _ewa_weights(L, p.alpha, dev)
+                w = weights.get(L)
+                if s1 - s0 == rows or runner.graphs:
+                    whole = s1 - s0 == rows
+                    fn = functools.partial(_chunk, weights=w, p=p, skip=skip, first=first)
+                    state, hist, stop_at = runner(
+                        ("chunk", p.key(), skip, first), fn,
+                        (state, x1 if whole else x1[s0:s1], x_sq if whole else x_sq[s0:s1]))
+                else:  # the host loop, eager: the per-step views once per draw, as _chunk's
+                    if views is None:
+                        views = (x1.unbind(0), x1[..., :d].transpose(1, 2).unbind(0),
+                                 x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * rows)
+                    xs, xts, cands = views
+                    state, hist, stop_at = _chunk_steps(
+                        state, xs[s0:s1], xts[s0:s1], cands[s0:s1],
+                        x_sq[s0:s1] if L > 0 else None, w, p, skip, first)
+                if stop_at is not None:
+                    j = int(stop_at)  # the one host sync of these steps
                     if j < L:
                         return _centres(hist[skip + j], d), start + s0 + skip + j + 1
             start += rows
-        return _centres(T, d), budget
+        return _centres(state[0], d), budget
 
     # ------------------------------------------------------------------ predict
     def predict(self, X) -> torch.Tensor:
