@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from prewarm_gpu.batched import train_batched
+from prewarm_gpu.batched import BACKENDS, train_batched
 from prewarm_gpu.data import DATASETS, ImageData
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import TrainConfig, cosine_lr, train
@@ -127,9 +127,28 @@ def run_single(data: ImageData, cfg: TrainConfig, seeds: list[int]) -> None:
 
 
 def run_batched(data: ImageData, cfg: TrainConfig, seeds: list[int], precision: str,
-                backend: str = "auto") -> None:
+                backend: str = "auto", **options) -> None:
+    """``options``: train_batched's ``graphs``, ``compile``, ``channels_last``."""
     train_batched(models_for(data, seeds), data, cfg, seeds=_arm_seeds(seeds),
-                  precision=precision, backend=backend)
+                  precision=precision, backend=backend, **options)
+
+
+def variants(device: str, compile: bool) -> list[dict]:
+    """Every (backend × graphs × channels_last × compile) combination worth timing here: graphs
+    only on CUDA, compile only when asked (its first call compiles for tens of seconds)."""
+    out = []
+    for backend in BACKENDS[1:]:
+        for graphs in (("off", "on") if is_cuda(device) else ("off",)):
+            for channels_last in (False, True):
+                for comp in ((False, True) if compile else (False,)):
+                    out.append({"backend": backend, "graphs": graphs,
+                                "channels_last": channels_last, "compile": comp})
+    return out
+
+
+def variant_name(v: dict) -> str:
+    return (f"{v['backend']}/graphs={v['graphs']}/channels_last={int(v['channels_last'])}"
+            f"/compile={int(v['compile'])}")
 
 
 def _arm_seeds(seeds: list[int]) -> list[int]:
@@ -147,6 +166,9 @@ def main(argv=None) -> dict:
                    help="steps for the side-by-side (a)/(b)/(c) comparison (default: --steps)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--variants", action="store_true",
+                   help="also time every backend × graphs × channels_last (× compile) variant")
+    p.add_argument("--compile", action="store_true", help="with --variants: compile too")
     args = p.parse_args(argv)
     dev = args.device
     seeds = SEEDS[: args.seeds]
@@ -182,11 +204,20 @@ def main(argv=None) -> dict:
         images = runs * cmp_steps * base.batch_size
         # Each backend on the same runs and steps: the figures prewarm_gpu.batched.MEASURED holds.
         speeds = {}
-        for backend in ("grouped", "vmap", "loop"):
+        for backend in BACKENDS[1:]:
             run_batched(data, warm, seeds[:1], args.precision, backend)
             t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, backend)
             speeds[backend] = runs * cmp_steps / t
         row["backend_run_steps_s"] = speeds
+        if args.variants:  # the first call of each warms it up (and compiles), untimed
+            row["variant_run_steps_s"] = {}
+            for v in variants(dev, args.compile):
+                opts = {k: v[k] for k in ("graphs", "channels_last", "compile")}
+                run_batched(data, replace(warm, steps=4), seeds[:1], args.precision,
+                            v["backend"], **opts)
+                t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, v["backend"],
+                          **opts)
+                row["variant_run_steps_s"][variant_name(v)] = runs * cmp_steps / t
         row.update({"paper_style_s": t_a, "single_run_s": t_b, "batched_s": t_c,
                     "paper_style_img_s": images / t_a, "single_run_img_s": images / t_b,
                     "batched_img_s": images / t_c, "batched_vs_paper_style": t_a / t_c,

@@ -694,9 +694,13 @@ def part_training(ctx: Ctx) -> None:
     # and model set-up per dataset.
     cost = {"overhead": 10.0, "per_compare": 0.3, "per_sweep": 0.02}
     for i, (name, argv) in enumerate(plan):
+        # The first dataset (cifar10, Table 3's size) also times every backend × graphs ×
+        # channels_last variant (bench_training --variants): ~3× the compare steps' cost.
+        variants = i == 0 and not ctx.quick
         if argv is None:
             allow = ctx.left() / (len(plan) - i)
-            sizes = training_sizes(allow / SAFETY, cost)
+            step_cost = dict(cost, per_compare=cost["per_compare"] * (3.0 if variants else 1.0))
+            sizes = training_sizes(allow / SAFETY, step_cost)
             if sizes is None:
                 need = SAFETY * (cost["overhead"] + 10 * cost["per_compare"])
                 ctx.data["datasets"][name] = {
@@ -706,9 +710,10 @@ def part_training(ctx: Ctx) -> None:
                 ctx.suite.save()
                 continue
             c, s = sizes
-            argv = ["--size", "full", "--steps", str(s), "--compare-steps", str(c)]
-            guess = SAFETY * (cost["overhead"] + cost["per_compare"] * c +
-                              (cost["per_sweep"] * s if s != c else 0))
+            argv = ["--size", "full", "--steps", str(s), "--compare-steps", str(c),
+                    *(["--variants"] if variants else [])]
+            guess = SAFETY * (step_cost["overhead"] + step_cost["per_compare"] * c +
+                              (step_cost["per_sweep"] * s if s != c else 0))
         full = ["--device", dev, "--datasets", name, *argv]
         t = time.perf_counter()
         got = ctx.case(name, lambda full=full: bench_training.main(full), guess=guess,
@@ -717,7 +722,7 @@ def part_training(ctx: Ctx) -> None:
             row = got["datasets"][name]
             ctx.data["datasets"][name] = {"status": "ok", "seconds": ctx.data["datasets"][name]
                                           ["seconds"], "argv": full, **row}
-            if not ctx.quick:
+            if not ctx.quick and not variants:  # a variants row's cost is not the others'
                 try:
                     cost = _train_cost(row, time.perf_counter() - t)
                 except (KeyError, TypeError, ZeroDivisionError) as e:  # keep the last model

@@ -410,6 +410,7 @@ def train_batched(
     checkpoint: Checkpointer | None = None,
     progress: Callable[[int], None] | None = None,
     graphs: str = "auto",
+    compile: bool = False,
 ) -> list[TrainResult]:
     """Train ``models`` (one per seed in ``seeds``) together; returns one result per run.
 
@@ -442,6 +443,7 @@ def train_batched(
         graphs: ``"auto"`` (on CUDA), ``"on"`` or ``"off"``: the step
             (:meth:`prewarm_gpu.step.TrainStep.step`) captured once as a CUDA graph and replayed,
             else run eagerly; the same arithmetic either way (:mod:`prewarm_gpu.step`).
+        compile: the step's forward (and so its backward) through ``torch.compile``.
     """
     cfg, dev = config, data.device
     _check_models(models, seeds, dev)
@@ -453,11 +455,11 @@ def train_batched(
     # and every backward matmul); bf16 turns it on for each forward pass alone.
     with float32_scope(_float32_mode(precision)), torch.autocast(dev.type, enabled=False):
         return _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint,
-                      progress, graphs)
+                      progress, graphs, compile)
 
 
 def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoint, progress,
-           graphs):
+           graphs, compile):
     """:func:`train_batched` on valid input, inside its float32 scope."""
     dev = data.device
     t0 = time.perf_counter()
@@ -466,7 +468,7 @@ def _train(models, data, cfg, seeds, precision, backend, channels_last, checkpoi
         m.train()
     stack = _choose(backend, models, dev, channels_last, tuple(data.train_x.shape[-2:]))
     ts = TrainStep(stack, data, cfg, R, lambda: _autocast(precision, dev),
-                   capturable=dev.type == "cuda")
+                   capturable=dev.type == "cuda", compile=compile)
     streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,
                            torch.Generator(device=dev).manual_seed(s)) for s in seeds]
     losses = ts.losses

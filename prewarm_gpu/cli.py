@@ -184,6 +184,9 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="batched trainer: grouped convolutions, vmap, per-run kernels in one "
                    "step (loop), or batched matrix products over the runs (bmm); auto: the "
                    "fastest measured for the device (prewarm_gpu.batched.MEASURED)")
+    p.add_argument("--compile", action="store_true",
+                   help="the training step's forward (and backward) through torch.compile, "
+                   "default mode; off by default (measured no faster on the CPU)")
     p.add_argument("--graphs", choices=GRAPHS, default="auto",
                    help="capture the training step once as a CUDA graph and replay it (auto: on "
                    "CUDA; a failed capture falls back to eager steps with a warning)")
@@ -384,8 +387,9 @@ def _sweep_config(args: argparse.Namespace):
 
 _ENGINE_FIELDS = ("device", "data_dir", "download", "resume", "retry_failed", "plot", "progress",
                   "steps", "batch_size", "lr_start", "lr_end", "channels_last", "batch",
-                  "precision", "backend", "graphs", "baseline", "checkpoint_every", "report_only",
-                  "executor", "ray_address", "group_size", "schedule_steps", "rule_source")
+                  "precision", "backend", "graphs", "compile", "baseline", "checkpoint_every",
+                  "report_only", "executor", "ray_address", "group_size", "schedule_steps",
+                  "rule_source")
 
 
 def _engine_fields(args: argparse.Namespace) -> dict[str, Any]:

@@ -122,7 +122,8 @@ def steps_to_target(loss_steps: list[int], loss: list[float | None],
 def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
           precision: str = "fp32", channels_last: bool | None = None,
           checkpoint: Checkpointer | None = None,
-          progress: Callable[[int], None] | None = None, graphs: str = "auto") -> TrainResult:
+          progress: Callable[[int], None] | None = None, graphs: str = "auto",
+          compile: bool = False) -> TrainResult:
     """Train ``model`` on ``data`` with the protocol of §3.3 and the seed's data order.
 
     This is :func:`prewarm_gpu.batched.train_batched` with one run on the loop backend (the run's
@@ -140,6 +141,7 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
         checkpoint: in-run checkpoints (see :class:`prewarm_gpu.checkpoint.Checkpointer`).
         progress: called with the number of steps done since its last call.
         graphs: the step as a CUDA graph (``"auto"``: on CUDA); see :mod:`prewarm_gpu.step`.
+        compile: the step's forward through ``torch.compile``.
 
     Returns:
         :class:`TrainResult`; a NaN/Inf loss gives ``status="failed"`` with ``failed_step``.
@@ -148,4 +150,4 @@ def train(model: nn.Module, data: ImageData, config: TrainConfig, *, seed: int,
 
     return train_batched([model], data, config, seeds=[seed], precision=precision,
                          backend="loop", channels_last=channels_last, checkpoint=checkpoint,
-                         progress=progress, graphs=graphs)[0]
+                         progress=progress, graphs=graphs, compile=compile)[0]

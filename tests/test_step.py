@@ -175,3 +175,24 @@ def test_cuda_graph_steps_equal_eager_steps_bit_for_bit(digits, backend):
     for a, b in zip(s0, s1, strict=True):
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_compile_puts_the_steps_forward_through_torch_compile(digits, one_thread, monkeypatch):
+    """``compile=True`` compiles the forward (its backward with it), once per step object, with
+    fixed shapes; here with TorchDynamo's eager backend (inductor's code generation is the GPU's
+    business): the same bits as the uncompiled step."""
+    seen = []
+    real = torch.compile
+
+    def spy(fn, **kw):
+        seen.append(kw)
+        return real(fn, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    cfg = TrainConfig(steps=6, eval_points=1, loss_points=6)
+    a, b = _models(2), _models(2)
+    ra = train_batched(a, digits, cfg, seeds=[0, 1], backend="grouped", compile=True)
+    rb = train_batched(b, digits, cfg, seeds=[0, 1], backend="grouped")
+    assert seen == [{"dynamic": False}]
+    assert [r.loss for r in ra] == [r.loss for r in rb]

@@ -72,6 +72,7 @@ class SweepConfig:
     precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
     backend: str = "auto"  # auto | grouped | vmap | loop | bmm (prewarm_gpu.batched)
     graphs: str = "auto"  # the step as a CUDA graph: auto (on CUDA) | on | off (prewarm_gpu.step)
+    compile: bool = False  # the step's forward through torch.compile (no faster on the CPU)
     baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
     checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
     report_only: bool = False  # rewrite summary, table (and plots) from results.jsonl; train none

@@ -113,7 +113,7 @@ def checkpoint_name(group: Sequence[RunSpec]) -> str:
 
 
 def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] | None = None,
-            save_to: Path | None = None, graphs: str = "auto",
+            save_to: Path | None = None, graphs: str = "auto", compile: bool = False,
             checkpoint: CheckpointPolicy | None = None) -> dict[str, Any]:
     """Build, initialise and train one run; the ``results.jsonl`` record. An initialiser's
     :data:`INIT_ERRORS`, a training :data:`TRAIN_ERRORS` or a NaN/Inf loss give
@@ -132,6 +132,7 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
         try:
             result = train(model, data, spec.train, seed=spec.seed, precision=spec.precision,
                            channels_last=spec.channels_last, progress=step_progress, graphs=graphs,
+                           compile=compile,
                            checkpoint=checkpoint.open([spec]) if checkpoint else None)
         except TRAIN_ERRORS as e:
             result = _failed("training: ", e)
@@ -144,7 +145,7 @@ def run_one(spec: RunSpec, data: ImageData, *, progress: Callable[[int], None] |
 
 def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
               progress: Callable[[int], None] | None = None, backend: str = "auto",
-              graphs: str = "auto", save_dir: Path | None = None,
+              graphs: str = "auto", compile: bool = False, save_dir: Path | None = None,
               checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
     """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
     together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
@@ -172,7 +173,7 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
             results = train_batched([b[1] for b in built], data, built[0][0].train,
                                     seeds=[b[0].seed for b in built],
                                     precision=built[0][0].precision, backend=backend,
-                                    graphs=graphs,
+                                    graphs=graphs, compile=compile,
                                     progress=step_progress,
                                     checkpoint=checkpoint.open([b[0] for b in built])
                                     if checkpoint else None)
@@ -418,13 +419,13 @@ def run_group(config: SweepConfig, group: Sequence[RunSpec], data: ImageData,
     :func:`run_one`); their records, in order, without the environment."""
     if len(group) > 1:
         records = run_batch(group, data, progress=progress, backend=config.backend,
-                            graphs=config.graphs,
+                            graphs=config.graphs, compile=config.compile,
                             save_dir=config.out if config.save_models else None,
                             checkpoint=checkpoint)
     else:
         spec = group[0]
         records = [run_one(spec, data, progress=progress, checkpoint=checkpoint,
-                           graphs=config.graphs,
+                           graphs=config.graphs, compile=config.compile,
                            save_to=model_path(config.out, spec) if config.save_models else None)]
         records[0]["trainer"] = "single"
     for rec in records:  # which data the run saw, so two folders can be shown to share it
