@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if old_sigterm is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     from .experiment import ResultsWriteError
-    from .experiment.run import WorkersLost
+    from .experiment.errors import WorkersLost
 
     try:
         try:

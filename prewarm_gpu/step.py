@@ -109,6 +109,8 @@ class TrainStep:
         """The optimiser's state of a checkpoint after ``start`` steps (a checkpoint's schedule
         state, if it has one, is implied by ``start``)."""
         self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # loading replaced the lr by a copy: the buffer again
+            group["lr"] = self.lr_now.view(())
         self.t.fill_(start)
 
 

@@ -10,7 +10,7 @@ from prewarm_gpu import experiment
 from prewarm_gpu.batched import MEASURED, choose_backend, train_batched
 from prewarm_gpu.checkpoint import Checkpointer, parse_every
 from prewarm_gpu.counters import count_dispatch
-from prewarm_gpu.experiment import SweepConfig, read_results, run_sweep
+from prewarm_gpu.experiment import SweepConfig, read_results, run_sweep, units
 from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.methods.lion_dg import DSSimpleCNN
 from prewarm_gpu.models import SimpleCNN
@@ -155,14 +155,14 @@ def test_one_run_honours_its_precision(digits):
 
 def test_the_harness_single_run_trains_in_the_recorded_precision(digits, tmp_path, monkeypatch):
     seen = []
-    real = engine.train
+    real = units.train
 
     def spy(*a, **k):
         seen.append(k["precision"])
         return real(*a, **k)
 
     monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
-    monkeypatch.setattr(engine, "train", spy)
+    monkeypatch.setattr(units, "train", spy)
     run_sweep(SweepConfig(seeds=[1], out=tmp_path, steps=4, eval_points=1, loss_points=2,
                           batch=False, precision="bf16", progress=False))
     assert seen == ["bf16", "bf16"]

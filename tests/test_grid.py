@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from prewarm_gpu import cli
-from prewarm_gpu.experiment import read_results
+from prewarm_gpu.experiment import read_results, units
 from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.experiment.grid import (
     LOSS_WINDOW,
@@ -176,7 +176,7 @@ def test_a_cell_that_can_never_run_is_exit_2_naming_it_before_any_training(
     def no_training(*a, **k):
         raise AssertionError("a run was built before every cell was checked")
 
-    monkeypatch.setattr(engine, "build_arm", no_training)
+    monkeypatch.setattr(units, "build_arm", no_training)
     monkeypatch.setattr(arms, "build_arm", no_training)
     out = tmp_path / "g"
     good = {"--n-clusters": "16", "--patch-size": "3", "--n-patches": "10"}[axis]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, patches, prewarm_
-from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep
+from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep, units
 from prewarm_gpu.experiment import run as engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_a_read_only_out_fails_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine.tempfile, "NamedTemporaryFile", refuse)
     trained = []
-    monkeypatch.setattr(engine, "run_batch", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(units, "run_batch", lambda *a, **k: trained.append(1))
     with pytest.raises(experiment.ResultsWriteError, match="not writable .*nothing was trained"):
         run_sweep(SweepConfig(out=out, steps=2, progress=False))
     assert not trained

@@ -17,6 +17,7 @@ Where each job lives — open the file named for what you are looking for:
 from __future__ import annotations
 
 from .arms import build_arm
+from .errors import NothingToResumeError, ResultsExistError, SweepInterrupted, SweepLockedError
 from .plan import DEFAULT_ARCH, PROTOCOL, SEEDS, Arm, RunSpec, SweepConfig, plan_runs
 from .records import (
     RESULTS,
@@ -31,14 +32,8 @@ from .records import (
 )
 from .report import Outcome, render_tables, summarise
 from .reproduce import prepare_sweep, reproduce, run_sweep
-from .run import (
-    NothingToResumeError,
-    ResultsExistError,
-    SweepInterrupted,
-    SweepLockedError,
-    run_one,
-    sweep_lock,
-)
+from .run import sweep_lock
+from .units import run_one
 
 __all__ = [
     "SEEDS", "DEFAULT_ARCH", "PROTOCOL", "RESULTS", "SUMMARY", "TABLE", "Arm", "SweepConfig",

@@ -47,9 +47,10 @@ import torch
 
 from .. import __version__
 from ..data import DatasetNotFoundError, canonical_name, find_files, load_dataset, locate
+from .errors import WorkersLost
 from .plan import RunSpec, SweepConfig
 from .records import environment, git_commit
-from .run import WorkersLost, checkpoint_policy, run_group
+from .units import checkpoint_policy, run_group
 
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the call it was running
 READY_TIMEOUT = 120.0  # seconds for every worker to start and answer
