@@ -36,8 +36,8 @@ from .checkpoint import Checkpointer
 from .data import EpochStream, ImageData
 from .models import SimpleCNN, conv_blocks
 from .precision import float32_scope
+from .protocol import TrainConfig, TrainResult, curve_steps, steps_to_target
 from .step import GRAPHS, TrainStep, make_runner
-from .train import TrainConfig, TrainResult, curve_steps, steps_to_target
 
 __all__ = ["train_batched", "choose_backend", "load_measured", "PRECISIONS", "BACKENDS",
            "MEASURED"]

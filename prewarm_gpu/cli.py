@@ -350,7 +350,8 @@ def _check_bank_out(out: Path) -> None:
 
 def _filterbank(args: argparse.Namespace) -> int:
     from .experiment import ResultsWriteError
-    from .methods.filterbank import build_bank_from_runs, save_bank
+    from .experiment.records import build_bank_from_runs
+    from .methods.filterbank import save_bank
 
     bank = build_bank_from_runs(args.runs, dataset=args.dataset, init=args.init,
                                 n_clusters=args.n_clusters, variant=args.variant,

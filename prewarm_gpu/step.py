@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from .train import TrainConfig
+from .protocol import TrainConfig
 
 __all__ = ["lr_table", "TrainStep", "GraphedStep", "make_runner", "GRAPHS"]
 
@@ -91,8 +91,8 @@ class TrainStep:
     def record(self, objective: torch.Tensor, main: torch.Tensor) -> None:
         """``losses[t]`` ← the main loss (the objective where that is not finite); ``t += 1``."""
         with torch.no_grad():
-            self.losses.index_put_((self.t,), torch.where(torch.isfinite(objective), main,
-                                                          objective))
+            value = torch.where(torch.isfinite(objective), main, objective)
+            self.losses.index_put_((self.t,), value.to(self.losses.dtype))  # fp32: no op
         self.t.add_(1)
 
     def eager(self, idx: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from prewarm_gpu.experiment.records import build_bank_from_runs
 from prewarm_gpu.initializers import get
 from prewarm_gpu.methods import filterbank as fb
 
@@ -111,13 +112,13 @@ def test_save_load_and_runs_folder(tmp_path, bank, device):
     for name, seed in (("fashion-mnist-kaiming-1", 1), ("fashion-mnist-kaiming-2", 2),
                        ("digits-kaiming-1", 3), ("fashion-mnist-gabor-1", 4)):
         torch.save(Net(seed).state_dict(), models / f"{name}.pt")
-    runs = fb.build_bank_from_runs(tmp_path / "runs", dataset="fashion-mnist", init="kaiming",
+    runs = build_bank_from_runs(tmp_path / "runs", dataset="fashion-mnist", init="kaiming",
                                    n_clusters=2, generator=0)
     assert runs["n_models"] == 2
     assert runs["sources"] == ["fashion-mnist-kaiming-1.pt", "fashion-mnist-kaiming-2.pt"]
-    assert fb.build_bank_from_runs(tmp_path / "runs", n_clusters=2, generator=0)["n_models"] == 4
+    assert build_bank_from_runs(tmp_path / "runs", n_clusters=2, generator=0)["n_models"] == 4
     with pytest.raises(ValueError, match="no trained models"):
-        fb.build_bank_from_runs(tmp_path / "runs", dataset="cifar10")
+        build_bank_from_runs(tmp_path / "runs", dataset="cifar10")
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ from ..checkpoint import parse_every
 from ..checks import is_int, is_real
 from ..data import DATASETS
 from ..models import BASELINES, MODELS, build_model
+from ..protocol import TrainConfig
 from ..step import GRAPHS
-from ..train import TrainConfig
 from .jsonable import jsonable
 
 SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3

@@ -3,7 +3,7 @@
 ``results.jsonl`` holds one JSON object per finished run (ok or failed), appended, flushed and
 fsync'd when the run ends; a corrupt or truncated line is moved aside, never an error. Trained
 models are ``models/<dataset>-<init>-<seed>.pt`` (:func:`model_path`; :func:`trained_models` finds
-them again, for :func:`prewarm_gpu.methods.filterbank.build_bank_from_runs`).
+them again, for :func:`build_bank_from_runs`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 from .jsonable import jsonable
 
 if TYPE_CHECKING:
-    from ..train import TrainResult
+    from ..protocol import TrainResult
     from .plan import RunSpec
 
 RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"
@@ -103,6 +103,32 @@ def trained_models(out: str | os.PathLike, dataset: str | None = None,
     return picked
 
 
+
+
+def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
+                         init: str | None = None, **options) -> dict[str, Any]:
+    """:func:`prewarm_gpu.methods.filterbank.build_bank` from a sweep's trained models
+    (``reproduce --save-models``).
+
+    Reads the state dicts ``<run_dir>/models/<dataset>-<init>-<seed>.pt`` (``torch.save``).
+
+    Args:
+        run_dir: the sweep's output folder (``--out``).
+        dataset, init: keep only the runs of this dataset / initialisation (default: all).
+        **options: :func:`build_bank`'s keywords (``n_clusters``, ``variant``, ``layers``,
+            ``generator``).
+    """
+    from ..methods.filterbank import build_bank
+
+    files = trained_models(run_dir, dataset, init)
+    if not files:
+        raise ValueError(
+            f"no trained models in {Path(run_dir, 'models')} (looked for "
+            f"<dataset>-<init>-<seed>.pt, dataset={dataset!r}, init={init!r})"
+        )
+    bank = build_bank(files, **options)
+    bank["sources"] = [f.name for f in files]
+    return bank
 
 
 # --- environment ---------------------------------------------------------------------------------

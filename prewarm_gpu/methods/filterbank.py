@@ -41,7 +41,7 @@ from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
 from ..registry import register
 
-__all__ = ["build_bank", "build_bank_from_runs", "pool_kernels", "save_bank", "load_bank",
+__all__ = ["build_bank", "pool_kernels", "save_bank", "load_bank",
            "filterbank_", "conv_kernels", "filterbank", "VARIANTS"]
 
 VARIANTS = ("euclidean", "fourier")
@@ -191,33 +191,6 @@ def pool_kernels(sources: Iterable[Source], *, n_clusters: int = 3,
             raise ValueError(f"layer {name!r}: n_samples={n} kernels should be >= "
                              f"n_clusters={n_clusters}.")
     return pooled
-
-
-def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
-                         init: str | None = None, **options) -> dict[str, Any]:
-    """:func:`build_bank` from a sweep's trained models (``reproduce --save-models``).
-
-    Reads the state dicts ``<run_dir>/models/<dataset>-<init>-<seed>.pt`` (``torch.save``).
-
-    Args:
-        run_dir: the sweep's output folder (``--out``).
-        dataset, init: keep only the runs of this dataset / initialisation (default: all).
-        **options: :func:`build_bank`'s keywords (``n_clusters``, ``variant``, ``layers``,
-            ``generator``).
-    """
-    from ..experiment.records import (
-        trained_models,  # the sweep's model-file naming, not parsed here
-    )
-
-    files = trained_models(run_dir, dataset, init)
-    if not files:
-        raise ValueError(
-            f"no trained models in {Path(run_dir, 'models')} (looked for "
-            f"<dataset>-<init>-<seed>.pt, dataset={dataset!r}, init={init!r})"
-        )
-    bank = build_bank(files, **options)
-    bank["sources"] = [f.name for f in files]
-    return bank
 
 
 def save_bank(bank: Mapping[str, Any], path: str | os.PathLike) -> None:
