@@ -27,7 +27,8 @@ from torch import nn
 from . import rules
 from ._random import as_generator
 from .checks import all_finite, as_pair, check_int, is_real, to_float
-from .kmeans import MiniBatchKMeans, no_autocast
+from .kmeans import MiniBatchKMeans
+from .kmeans_ops import no_autocast
 from .layers import conv_label, find_conv, refuse_lazy
 from .patches import extract_patches
 

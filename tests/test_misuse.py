@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, patches, prewarm_
+from prewarm_gpu import MiniBatchKMeans, experiment, kmeans_ops, patches, prewarm_
 from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep, units
 from prewarm_gpu.experiment import run as engine
 
@@ -59,7 +59,7 @@ def test_no_temporary_is_larger_than_the_patch_matrix(monkeypatch):
     float64 copy of it (‖x‖², the variance) and no (N, d) int64 gather index. Before, both were
     built whole. (The k-means loop's own buffer, 16 batches of float64 rows, does not grow with
     N; batch_size=16 keeps it below this tiny patch matrix.)"""
-    monkeypatch.setattr(kmeans, "_CHUNK", 1 << 12)
+    monkeypatch.setattr(kmeans_ops, "_CHUNK", 1 << 12)
     monkeypatch.setattr(patches, "GATHER_BLOCK", 1 << 12)
     conv = nn.Conv2d(3, 16, 4, stride=4)
     x = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
