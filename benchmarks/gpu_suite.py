@@ -612,7 +612,7 @@ def _blobs(n: int, d: int, k: int, seed: int = 0):
 
 
 def _inertia(X: torch.Tensor, centres: torch.Tensor) -> float:
-    from prewarm_gpu.kmeans import _labels_inertia
+    from prewarm_gpu.kmeans_ops import _labels_inertia
 
     return float(_labels_inertia(X, centres.to(X.device, X.dtype))[1])
 

@@ -8,76 +8,49 @@ reassignment of starved centres and early stopping on an exponentially weighted 
 inertia. The random stream is torch's, so runs agree with scikit-learn in distribution, not draw for
 draw; given the same initial centres and batches the centres agree to float rounding.
 
-How the loop avoids the host (the GPU's cost at these sizes is launches and syncs, not arithmetic):
-
-- **One step function** (:func:`_step`) for every path: labels by ``argmin_j ‖c_j‖² - 2 x·c_j``
-  (scikit-learn's expression) in float64, so it is exact enough for the batch inertia too and never
-  TF32; per-centre sums and counts accumulated into running sums ``T_j = [w_j c_j, w_j]``, so the
-  update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is one add and one divide; reassignment of starved
-  centres decided with masks.
-- **Scale-free**: the fit runs on X divided by a power of two (exact) that brings ``max |X|``
-  into [1, 2), and the scores have no constant term, so a fit of ``2^j X`` gives ``2^j`` times the
-  centres and the same labels bit for bit, and any scale from float64's smallest to its largest
-  values fits (float32's likewise).
-- **One stopping rule** (:func:`_stop_rule`): scikit-learn's ``_mini_batch_convergence`` (EWA of the
-  batch inertia, ``max_no_improvement``, ``tol``), vectorised over a chunk of steps' inertias.
-- **Chunks**: batch indices for ``sync_every`` steps are drawn at once from the generator on the
-  device; the steps run without looking at the host; then the rule finds the first step at which
-  scikit-learn would have stopped, and the host reads that one integer (the chunk's only sync).
-  Steps after the stop were computed but are discarded: the state at the stop step is taken from the
-  chunk's history. ``loop="host"`` is the same code with the host looking after every step (no
-  wasted steps; on the CPU a look is free).
-- **Pure functions**: a chunk (:func:`_chunk`: state and the chunk's gathered batches in; state,
-  each step's running sums and the stop index out) and k-means++'s rounds
-  (:func:`_kmeans_plusplus_rounds`, given its drawn first centres and uniforms) are functions of
-  tensors with no host read, no branch on a value and no data-dependent shape; the random draws,
-  the gather of the batch rows and the host's one read per chunk stay outside them. TorchDynamo
-  traces both whole (``tests/test_kmeans_graphs.py``).
-
-What runs as a CUDA graph (``graphs="auto"`` on CUDA, or ``True``): those two functions, each
-captured once per (constants, shapes, dtypes, device), kept in a small module-level cache and
-replayed, with the inputs copied into its static buffers first; the draws, the gather, the
-validation inertia of the candidates, ``tol``'s variance and the final labels run eagerly around
-them. A capture that fails falls back to eager for the rest of the fit with one warning naming
-the cause; the eager path is the same functions, so the bits are the same. On the CPU
-(``"auto"``) everything is eager; ``graphs=True`` there is refused. Not yet measured on a GPU.
+This module is the estimator: its checks, the random draws, and the loop that drives the pure
+functions of :mod:`~prewarm_gpu.kmeans_ops` (distances, the exact power-of-two rescaling,
+k-means++'s rounds) and :mod:`~prewarm_gpu.kmeans_loop` (the mini-batch step, a chunk of steps,
+the stopping rule), eagerly or as CUDA graphs (:mod:`~prewarm_gpu.kmeans_graphs`). The host reads
+one integer per chunk of ``sync_every`` steps (``loop="device"``) or after every step
+(``loop="host"``: the same code, no wasted steps; on the CPU a look is free).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import math
 import warnings
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
 
 from ._random import as_generator
 from .checks import all_finite, is_int, is_real
+from .kmeans_graphs import _resolve_graphs, _Runner
+from .kmeans_loop import (
+    _centres,
+    _chunk,
+    _chunk_steps,
+    _ewa_weights,
+    _initial_state,
+    _looks,
+    _LoopParams,
+    _step_views,
+)
+from .kmeans_ops import (
+    _F64,
+    _kmeans_plusplus_rounds,
+    _labels_inertia,
+    _mean_variance,
+    _pow2_scale,
+    _row_sq,
+    no_autocast,
+)
 
 __all__ = ["MiniBatchKMeans"]
 
-_CHUNK = 1 << 22  # elements of a label block (rows · (k + d + 1)); bounds temporary memory
 _LOOPS = ("auto", "host", "device")
-_F64 = torch.float64
-
-
-@contextlib.contextmanager
-def no_autocast():
-    """Autocast off on every device type inside: the float64/float32 arithmetic promised here
-    must not be lowered to bf16/fp16 by a caller's ``torch.autocast``."""
-    with contextlib.ExitStack() as stack:
-        for dev in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(dev):
-                stack.enter_context(torch.autocast(dev, enabled=False))
-        yield
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return _F64 if dtype == _F64 else torch.float32
 
 
 def _resolve_loop(loop: str) -> str:
@@ -88,97 +61,13 @@ def _resolve_loop(loop: str) -> str:
     return "device" if loop == "auto" else loop
 
 
-# --------------------------------------------------------------------------- distances
-def _scores(c: torch.Tensor, xt: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-    """``‖c‖² - 2 x·c`` between centres c (k, d) and points given transposed, xt (d, b), with
-    ``sq = ‖c‖²`` (k, 1): (k, b).
-
-    No constant term: ``‖x‖² + score = ‖x - c‖²`` exactly in real arithmetic, and every term
-    scales by s² when the data do, so the argmin is the same at every scale (a constant, as the
-    1·1 of ``[x, 1]·[c, 1]`` rows once added, swamps scores below its rounding, ~1e-16).
-    """
-    return torch.addmm(sq, c, xt, alpha=-2.0)
-
-
-def _pow2_scale(X: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
-    """The power of two ``2^(e-1)``, e = ``frexp(max |X|)``'s exponent (also over ``init``): a
-    0-d tensor in X's dtype on X's device (no host read).
-
-    Dividing by it is exact (a power of two; only values that fall below the dtype's subnormals
-    lose bits), brings ``max |X|`` into [1, 2), and keeps every square and product of the fit
-    inside the dtype's range whatever the data's scale. The exponent is clamped to what X's dtype
-    can hold, so the scale itself is always finite and nonzero.
-    """
-    lo, hi = torch.aminmax(X)  # no (n, d) temporary, unlike X.abs()
-    m = torch.maximum(-lo, hi).to(_F64)
-    if init is not None:
-        m = torch.maximum(m, init.abs().amax().to(_F64))
-    fi = torch.finfo(X.dtype)
-    e = torch.frexp(m).exponent - 1
-    tiny = round(math.log2(fi.smallest_normal)) + round(math.log2(fi.eps))  # least subnormal
-    e = e.clamp(min=tiny, max=math.frexp(fi.max)[1] - 1)
-    return torch.ldexp(torch.ones((), dtype=X.dtype, device=X.device), e)
-
-
-def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Rows ``[x, 1]`` in float64: (..., n, d) → (..., n, d + 1); the 1 is a count, for the
-    running sums ``[Σx, m]`` (it never enters a score)."""
-    out = x.new_ones(*x.shape[:-1], x.shape[-1] + 1, dtype=_F64)
-    out[..., :-1] = x
-    return out
-
-
-def _blocks(X: torch.Tensor):
-    """Row blocks of X of at most ``_CHUNK`` elements: whole-X temporaries stay bounded."""
-    return X.split(max(1, _CHUNK // max(1, X.shape[-1])), dim=-2)
-
-
-def _row_sq(X: torch.Tensor) -> torch.Tensor:
-    """``‖x‖²`` of every row of X (n, d) in float64, block by block (no (n, d) temporary)."""
-    return torch.cat([b.to(_F64).square().sum(-1) for b in _blocks(X)])
-
-
-def _mean_variance(X: torch.Tensor) -> torch.Tensor:
-    """Mean over features of X's per-feature population variance, in float64, block by block
-    (scikit-learn's ``np.mean(np.var(X, axis=0))``, the scale of ``tol``)."""
-    mean = sum(b.to(_F64).sum(0) for b in _blocks(X)) / X.shape[0]
-    ss = sum((b.to(_F64) - mean).square().sum(0) for b in _blocks(X))
-    return (ss / X.shape[0]).mean()
-
-
-def _labels_inertia(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels of the rows of x (..., n, d) among centres c (..., k, d), and the inertia
-    ``Σ ‖x - c_label‖²`` (per leading index).
-
-    In float64 by the expansion (its cancellation costs a few of float64's 16 digits, not float32's
-    7), in row blocks of bounded size. The inertia is a float64 tensor: reading it is the sync.
-    """
-    n, d = x.shape[-2:]
-    k = c.shape[-2]
-    ct = c.to(_F64).transpose(-1, -2)
-    c_sq = (ct * ct).sum(-2, keepdim=True)
-    rows = max(1, _CHUNK // (k + d + 1))
-    labels, inertia = [], 0.0
-    for s in range(0, n, rows):
-        xb = x[..., s : s + rows, :].to(_F64)
-        mins, lab = torch.baddbmm(c_sq, xb, ct, alpha=-2.0).min(-1) if x.ndim == 3 else \
-            torch.addmm(c_sq, xb, ct, alpha=-2.0).min(-1)  # (n, k) scores ‖c‖² - 2 x·c
-        labels.append(lab)
-        inertia = inertia + (mins.sum(-1) + (xb * xb).sum((-1, -2)))
-    if not labels:
-        return x.new_zeros(0, dtype=torch.long), x.new_zeros((), dtype=_F64)
-    return torch.cat(labels, -1), inertia.clamp(min=0)
-
-
+# --------------------------------------------------------------------------- the random draws
 def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator,
                      runner: _Runner | None = None) -> torch.Tensor:
     """Greedy k-means++ on R subsamples at once: xs (R, m, d) → centres (R, k, d), float64.
 
-    scikit-learn's ``_kmeans_plusplus``: first centre uniform; each next centre is the best of
-    ``2 + int(ln k)`` candidates drawn ∝ D², the one that lowers the total potential most. Points
-    are addressed by flat indices into the (R·m, d) stack, and every uniform draw is made up front.
-    Distances by the float64 expansion in one product: ``[c, ‖c‖², 1] · [-2x, 1, ‖x‖²]``.
-    The draws are made here; the rounds are :func:`_kmeans_plusplus_rounds`, a pure function.
+    The draws (the first centre uniform; every uniform up front) are made here; the rounds are
+    :func:`~prewarm_gpu.kmeans_ops._kmeans_plusplus_rounds`, a pure function, run by ``runner``.
     """
     R, m, _ = xs.shape
     trials = 2 + int(math.log(k))
@@ -189,317 +78,22 @@ def _kmeans_plusplus(xs: torch.Tensor, k: int, g: torch.Generator,
     return runner(("k-means++",), _kmeans_plusplus_rounds, (xs, first, u))
 
 
-def _kmeans_plusplus_rounds(xs: torch.Tensor, first: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """k-means++'s k-1 greedy rounds given its draws: a pure function of tensors (capturable).
-
-    Args:
-        xs: (R, m, d) subsamples.
-        first: (R, 1) the first centre's row in each subsample, uniform in [0, m).
-        u: (k-1, R, t) float64 uniforms in [0, 1), t candidates per round.
-
-    Returns:
-        (R, k, d) float64 centres. A fixed Python loop over shapes: no host read, no branch on a
-        value, no data-dependent shape.
-    """
-    R, m, d = xs.shape
-    k = u.shape[0] + 1
-    dev = xs.device
-    xs = xs.to(_F64)
-    x_sq = (xs * xs).sum(-1, keepdim=True)  # (R, m, 1)
-    ones = torch.ones_like(x_sq)
-    rows = torch.cat([xs, x_sq, ones], -1).view(R * m, d + 2)  # a point as a centre
-    cols = torch.cat([-2 * xs, ones, x_sq], -1).transpose(1, 2).contiguous()  # (R, d+2, m)
-    offset = torch.arange(R, device=dev).unsqueeze(1) * m  # flat index of each subsample's row 0
-    first = first + offset  # (R, 1) flat
-    u = u.unbind(0)
-
-    def dists(idx):  # (R, t) flat indices → (R, t, m) squared distances to every point
-        pts = rows.index_select(0, idx.view(-1)).view(R, -1, d + 2)
-        return torch.bmm(pts, cols).clamp_(min=0)
-
-    if k == 1:  # no greedy rounds: the uniform first centre is the whole initialisation
-        return rows.index_select(0, first.view(-1)).view(R, 1, d + 2)[..., :d]
-    closest = dists(first)  # (R, 1, m): D² so far
-    pot = closest.sum(-1)  # (R, 1)
-    cands, bests = [], []
-    for j in range(k - 1):
-        cand = torch.searchsorted(closest.view(R, m).cumsum(1), u[j] * pot)
-        cand = cand.clamp_(max=m - 1).add_(offset)  # (R, t)
-        d_cand = torch.minimum(dists(cand), closest)  # (R, t, m)
-        pot, best = d_cand.sum(-1).min(1, keepdim=True)  # first on ties
-        closest = d_cand.gather(1, best.unsqueeze(-1).expand(R, 1, m))
-        cands.append(cand)
-        bests.append(best)
-    picks = torch.stack(cands, 1).gather(2, torch.stack(bests, 1)).view(R, k - 1)
-    picks = torch.cat([first, picks], 1).view(-1)
-    return rows.index_select(0, picks).view(R, k, d + 2)[..., :d]
-
-
-# --------------------------------------------------------------------------- the loop
 def _draw_batches(n: int, steps: int, batch: int, g: torch.Generator,
                   device: torch.device) -> torch.Tensor:
     """Batch indices for ``steps`` steps at once: (steps, batch), uniform with replacement."""
     return torch.randint(0, n, (steps, batch), generator=g, device=device)
 
 
-def _accumulate(T: torch.Tensor, labels: torch.Tensor, x1: torch.Tensor,
-                p: _LoopParams) -> torch.Tensor:
-    """``T + [Σx, m]`` per centre: T (k, d+1), labels (b,), x1 (b, d+1) → (k, d+1).
-
-    ``index_add`` on the CPU, where it is deterministic; elsewhere a one-hot product, because CUDA's
-    ``index_add`` adds with atomics whose order (and so rounding) changes from run to run.
-    """
-    if p.arange_k is None:
-        return T.index_add(0, labels, x1)
-    return torch.addmm(T, (p.arange_k == labels).to(T.dtype), x1)
-
-
-def _step(T, c, c_sq, x1, xt, cand, p: _LoopParams, check=None):
-    """One mini-batch step (scikit-learn's ``_mini_batch_step``), with no host sync.
-
-    Args:
-        T: running sums ``[w_j c_j, w_j]`` (k, d+1), float64; ``c = T[:, :d] / w`` the centres
-            (k, d) and ``c_sq`` (k, 1) their squared norms.
-        x1, xt: the batch as ``[x, 1]`` rows (b, d+1), and the transpose of its points (d, b).
-        cand: ``x1[:k]``, the rows that reassigned centres move to (centre j to row j), or None
-            when k exceeds the batch: then the r-th reassigned centre moves to row r.
-        check: whether reassignment is checked at this step (a bool tensor), or None for always.
-
-    Returns:
-        ``(T, c, c_sq, mins)``: the new state, and ``‖c_label‖² - 2 x·c_label`` per row (the
-        batch inertia is ``mins.sum() + Σ‖x‖²``).
-
-    The update ``c_j ← (w_j c_j + Σx)/(w_j + m_j)`` is ``T_j += [Σx, m_j]; c_j = T_j / w_j``. A
-    centre's count starts at ε = 2⁻⁶⁰ rather than 0 (so ``T / w`` is its initial centre until its
-    first update, and that update is the batch mean to float64 rounding). Reassignment: centres with
-    ``w < ratio · max(w)`` (at most half a batch, the lightest) jump to batch rows, one each,
-    with ``w`` reset to the smallest remaining count. The batch is drawn i.i.d., so any fixed
-    distinct rows are distinct batch points chosen uniformly, as scikit-learn's ``choice(b, r,
-    replace=False)``: row j for centre j while k ≤ batch, and row r for the r-th moved centre
-    (r < batch/2) when k is larger.
-    """
-    mins, labels = _scores(c, xt, c_sq).min(0)
-    T = _accumulate(T, labels, x1, p)
-    if p.ratio > 0:
-        w = T[:, -1:]
-        low = w < w.amax() * p.ratio
-        if p.rank_limit:
-            low = low & (w.argsort(dim=0, stable=True).argsort(dim=0) < p.max_reassign)
-        if check is not None:
-            low = low & check
-        floor = w.masked_fill(low, math.inf).amin()
-        if cand is None:  # k > batch: rank among the moved centres, < max_reassign ≤ batch/2
-            cand = x1.index_select(0, (low.view(-1).cumsum(0) - 1).clamp_(min=0))
-        T = torch.where(low, cand * floor, T)
-    sums, w = T.split([T.shape[1] - 1, 1], 1)  # one op for both views
-    c = sums / w
-    return T, c, (c * c).sum(1, keepdim=True), mins
-
-
-class _LoopParams:
-    """The loop's constants, derived once per fit."""
-
-    def __init__(self, km: MiniBatchKMeans, n: int, k: int, batch: int, tol: float):
-        self.k = k
-        self.batch = batch
-        self.alpha = min(2.0 * batch / (n + 1), 1.0)
-        self.ratio = float(km.reassignment_ratio)
-        self.max_reassign = int(0.5 * batch)
-        self.rank_limit = k > self.max_reassign
-        self.always_check = batch >= 10 * k  # every step has seen 10·k samples since the last check
-        self.patience = km.max_no_improvement
-        self.tol = tol
-        self.arange_k = None  # (k, 1) on the data's device: sums by one-hot product (not CPU)
-
-    def key(self) -> tuple:
-        """Everything here that a chunk's computation depends on, for the graph cache."""
-        return (self.k, self.batch, self.alpha, self.ratio, self.max_reassign, self.rank_limit,
-                self.always_check, self.patience, self.tol, self.arange_k is not None)
-
-
-def _chunk(state: tuple, x1: torch.Tensor, x_sq: torch.Tensor, *, weights, p: _LoopParams,
-           skip: int, first: bool):
-    """One chunk of the loop, a pure function of tensors: L steps, then the stopping rule.
-
-    Args:
-        state: ``(T, c, c_sq, since, carry)``: the running sums (k, d+1), the centres (k, d),
-            their squared norms (k, 1), the samples seen since reassignment was last checked
-            (0-d long) and :func:`_stop_rule`'s carry.
-        x1: (L, b, d+1) the chunk's batches as ``[x, 1]`` rows, gathered outside (the draws are
-            the caller's).
-        x_sq: (L,) ``Σ‖x‖²`` of each batch.
-        weights: :func:`_ewa_weights` for ``L - skip`` steps (None when ``L <= skip``).
-        p: the loop's constants (``p.arange_k`` chooses the one-hot sums, see :func:`_accumulate`).
-        skip: 1 when the chunk starts with the fit's first step, whose inertia is not judged.
-        first: the first judged step is the fit's first counted one (the EWA starts there).
-
-    Returns:
-        ``(state, hist, stop_at)``: the state after the L steps; the running sums after each step
-        (a tuple of L); and a 0-d long tensor, the first step (counted from ``skip``) at which
-        scikit-learn stops, ``L - skip`` if none (None when no step is judged). No host read, no
-        branch on a value and no data-dependent shape inside: it traces whole
-        (``torch.compile(fullgraph=True)``) and is captured as one CUDA graph.
-    """
-    d = x1.shape[-1] - 1
-    xs = x1.unbind(0)
-    cands = x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * x1.shape[0]
-    xts = x1[..., :d].transpose(1, 2).unbind(0)  # the points, without the count column
-    return _chunk_steps(state, xs, xts, cands, x_sq, weights, p, skip, first)
-
-
-def _chunk_steps(state, xs, xts, cands, x_sq, weights, p, skip, first):
-    """:func:`_chunk` given the per-step views of x1 (the host loop makes them once per draw)."""
-    T, c, c_sq, since, carry = state
-    hist, mins, moved = [], [], []
-    for x1, xt, cand in zip(xs, xts, cands, strict=True):
-        check = None
-        if p.ratio > 0 and not p.always_check:
-            since = since + p.batch
-            check = (T[:, -1] < 1).any() | (since >= 10 * p.k)
-            since = torch.where(check, 0, since)
-        old = c
-        T, c, c_sq, m = _step(T, c, c_sq, x1, xt, cand, p, check)
-        hist.append(T)
-        mins.append(m)
-        if p.tol > 0:
-            moved.append((c - old).square().sum())
-    stop_at = None
-    if len(xs) > skip:
-        b = (torch.stack(mins[skip:]).sum(1) + (x_sq[skip:] if skip else x_sq)) / p.batch
-        stop, carry = _stop_rule(b, carry, p, first, weights,
-                                 torch.stack(moved[skip:]) if moved else None)
-        stop_at = torch.cat([stop, stop.new_ones(1)]).int().argmax()
-    return (T, c, c_sq, since, carry), tuple(hist), stop_at
-
-
-# --------------------------------------------------------------------------- CUDA graphs
-_GRAPHS: collections.OrderedDict = collections.OrderedDict()  # full key → capture, or its error
-_GRAPHS_MAX = 32  # captures kept (least recently used dropped): a fit uses at most 4
-_WARMUP = 2  # eager runs on a side stream before capture (cuBLAS handles, allocator pools)
-
-
-def _resolve_graphs(graphs: bool | str, device: torch.device) -> bool:
-    """``"auto"``: CUDA graphs on CUDA; ``True`` elsewhere is refused (it cannot be honoured)."""
-    if graphs == "auto":
-        return device.type == "cuda"
-    if graphs and device.type != "cuda":
-        raise ValueError(f"graphs=True needs X on a CUDA device (CUDA graphs), got X on "
-                         f"{device}; pass graphs='auto' or graphs=False")
-    return bool(graphs)
-
-
-def _capture(fn, args: tuple):
-    """Capture ``fn(*args)`` as a CUDA graph over static copies of args' tensors.
-
-    PyTorch's recipe (``torch/cuda/graphs.py``, CUDA-graph notes): a few eager runs on a side
-    stream, then capture; the graph reads and writes fixed addresses, so later calls ``copy_``
-    their inputs into ``static_in`` and read ``static_out`` after ``replay()``.
-
-    Returns:
-        ``(static_in, static_out, replay)``.
-    """
-    static_in = tree_map(torch.Tensor.clone, args)
-    dev = tree_leaves(args)[0].device
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for _ in range(_WARMUP):
-            fn(*static_in)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(*static_in)
-    return static_in, static_out, graph.replay
-
-
-class _Runner:
-    """Runs a fit's pure functions: eagerly, or (``graphs``) each as a cached CUDA graph.
-
-    A graph is captured once per (key, shapes, dtypes, devices) and kept in ``_GRAPHS``; the key
-    holds every constant the function depends on, so a later fit of the same sizes replays it.
-    A failed capture is remembered, and the fit goes on eagerly after one warning naming the
-    cause (the eager path is the same function, so the results are the same). Graphs share
-    static buffers: concurrent fits of the same sizes in threads must not use them.
-    """
-
-    def __init__(self, graphs: bool):
-        self.graphs = graphs
-
-    def __call__(self, key: tuple, fn, args: tuple):
-        if not self.graphs:
-            return fn(*args)
-        leaves = tree_leaves(args)
-        full = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in leaves))
-        entry = _GRAPHS.get(full)
-        if entry is None:
-            try:
-                entry = _capture(fn, args)
-            except Exception as e:  # noqa: BLE001 -- any failure: the eager path still holds
-                entry = f"{type(e).__name__}: {e}"
-            _GRAPHS[full] = entry
-            while len(_GRAPHS) > _GRAPHS_MAX:
-                _GRAPHS.popitem(last=False)
-        _GRAPHS.move_to_end(full)
-        if isinstance(entry, str):
-            self.graphs = False
-            name = getattr(fn, "func", fn).__name__
-            warnings.warn(f"MiniBatchKMeans: CUDA graph capture of {name} failed ({entry}); "
-                          f"this fit runs eagerly (the same results, without graphs)",
-                          RuntimeWarning, stacklevel=4)
-            return fn(*args)
-        static_in, static_out, replay = entry
-        for dst, src in zip(tree_leaves(static_in), leaves, strict=True):
-            if dst is not src:
-                dst.copy_(src)
-        replay()
-        return static_out
-
-
-def _ewa_weights(S: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, L) with ``ewa = P·e₀ + L @ b``: the EWA recurrence ``e_t = (1-α) e_{t-1} + α b_t`` over S
-    steps in closed form, ``P_t = (1-α)^(t+1)``, ``L_ts = α (1-α)^(t-s)`` for s ≤ t."""
-    t = torch.arange(S, device=device, dtype=_F64)
-    lag = t[:, None] - t[None, :]
-    L = torch.where(lag >= 0, alpha * (1 - alpha) ** lag.clamp(min=0), 0.0)
-    return (1 - alpha) ** (t + 1), L
-
-
-def _stop_rule(b: torch.Tensor, carry: tuple, p: _LoopParams, first: bool, weights,
-               moved: torch.Tensor | None = None):
-    """scikit-learn's ``_mini_batch_convergence``, over a chunk of steps at once, on the device.
-
-    Per step (batch inertia ``b_t`` divided by the batch size; the fit's first step is ignored by
-    the caller, as scikit-learn ignores it): the first counted step sets ``e = b``; later
-    ``e ← (1-α) e + α b``, ``α = min(2·batch/(n+1), 1)``; stop when the centres moved at most
-    ``tol`` (if ``tol > 0``), or when ``e`` has not reached a new minimum for
-    ``max_no_improvement`` steps in a row.
-
-    Args:
-        b: (S,) float64 batch inertias of the chunk's steps.
-        carry: ``(e, e_min, last)`` after the previous chunk: the EWA, its minimum (inf at the
-            start), and the index of its last new minimum relative to this chunk's start (≤ -1).
-        first: the chunk starts with the first counted step (then ``e₀ = b_0`` gives ``e = b_0``).
-        weights: :func:`_ewa_weights` for S.
-        moved: (S,) squared centre movements, when ``tol > 0``.
-
-    Returns:
-        ``(stop, carry)``: (S,) bool, True where scikit-learn stops; the carry for the next chunk.
-    """
-    S = b.shape[0]
-    e0, e_min, last = carry
-    if first:
-        e0 = b[0]
-    P, L = weights
-    e = torch.addmv(P * e0, L, b)  # (S,) the EWA after each step
-    prev_min = torch.cat([e_min.reshape(1), e]).cummin(0).values  # [t]: the minimum before step t
-    t = torch.arange(S, device=b.device)
-    last_new = torch.where(e < prev_min[:-1], t, last).cummax(0).values  # last new minimum ≤ t
-    stop = torch.zeros(S, dtype=torch.bool, device=b.device)
-    if p.patience is not None:
-        stop = (t - last_new) >= p.patience
-    if p.tol > 0:
-        stop = stop | (moved <= p.tol)
-    return stop, (e[-1], prev_min[-1], last_new[-1] - S)
+def _draw_chunk(X: torch.Tensor, x_sq: torch.Tensor, buf: torch.Tensor, steps: int, batch: int,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's batches, drawn at once: ``(x1, Σ‖x‖²)``, the rows as ``[x, 1]`` (steps, batch,
+    d+1) gathered into ``buf`` (reused from chunk to chunk), and each batch's ``Σ‖x‖²`` (steps,)
+    from ``x_sq``, every row's ``‖x‖²``."""
+    n, d = X.shape
+    idx = _draw_batches(n, steps, batch, g, X.device).view(-1)
+    x1 = buf[: steps * batch]
+    x1[:, :d] = X.index_select(0, idx)
+    return x1.view(steps, batch, d + 1), x_sq.index_select(0, idx).view(steps, batch).sum(1)
 
 
 class MiniBatchKMeans:
@@ -618,7 +212,7 @@ class MiniBatchKMeans:
             X = X.float()
         if not X.is_floating_point():
             raise TypeError(f"{name} must be floating point or uint8, got {X.dtype}")
-        X = X.to(_compute_dtype(X.dtype))
+        X = X.to(_F64 if X.dtype == _F64 else torch.float32)  # the compute dtype
         if not all_finite(X):
             raise ValueError(f"{name} contains NaN or Inf")
         return X.contiguous()
@@ -653,7 +247,7 @@ class MiniBatchKMeans:
         the centres and the inertia are scaled back; ``overwrite_x=True`` divides X in place
         (no copy of it; X then holds the scaled values) instead of on a copy.
         """
-        n, d = X.shape
+        n = X.shape[0]
         k = int(self.n_clusters)
         dev = X.device
         runner = _Runner(_resolve_graphs(self.graphs, dev))
@@ -662,44 +256,52 @@ class MiniBatchKMeans:
         # at every power-of-two scale of the data, and no square over- or underflows.
         scale = _pow2_scale(X, init)
         X = X.div_(scale) if overwrite_x else X / scale
-        if init is not None:
-            init = init.to(_F64) / scale.to(_F64)
         batch = min(int(self.batch_size), n)
-        init_size = int(self.init_size) if self.init_size is not None else 3 * batch
-        if init_size < k:
-            init_size = 3 * k
-        init_size = min(init_size, n)
+        init_size = self._init_size(n, batch)
 
         # Initialisation: validation subsample, then n_init k-means++ candidates at once.
         valid = X[torch.randint(0, n, (init_size,), generator=g, device=dev)]
         if init is not None:
-            cands = init.to(_F64).unsqueeze(0)
+            cands = (init.to(_F64) / scale.to(_F64)).unsqueeze(0)
         else:
-            if init_size < n:
-                sub = torch.randint(0, n, (int(self.n_init), init_size), generator=g, device=dev)
-                xs = X[sub]
-            else:
-                xs = X.unsqueeze(0).expand(int(self.n_init), n, d)
-            cands = _kmeans_plusplus(xs, k, g, runner)  # (n_init, k, d)
+            cands = _kmeans_plusplus(self._init_subsamples(X, init_size, g), k, g, runner)
         cand_inertia = _labels_inertia(valid.expand(cands.shape[0], -1, -1), cands)[1]
         best = cands.index_select(0, cand_inertia.argmin().reshape(1))[0]  # ties: the first
 
-        tol = 0.0
-        if self.tol > 0:
-            tol = float(_mean_variance(X)) * self.tol
-        params = _LoopParams(self, n, k, batch, tol)
-        centres, n_steps = self._run(X, best, g, params, runner)
+        tol = float(_mean_variance(X)) * self.tol if self.tol > 0 else 0.0
+        centres, n_steps = self._run(X, best, g, _LoopParams(self, n, k, batch, tol), runner)
+        self._set_fitted(X, centres.to(X.dtype), n_steps, batch, scale, cand_inertia.min())
+        return self
 
-        centres = centres.to(X.dtype)
+    def _init_size(self, n: int, batch: int) -> int:
+        """Rows of each init subsample (scikit-learn's rule): ``init_size``, by default
+        ``3 · batch``; ``3 · k`` where that is below k; at most n."""
+        k = int(self.n_clusters)
+        size = int(self.init_size) if self.init_size is not None else 3 * batch
+        if size < k:
+            size = 3 * k
+        return min(size, n)
+
+    def _init_subsamples(self, X: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+        """k-means++'s ``n_init`` subsamples of ``size`` rows: (n_init, size, d); all of X (not
+        drawn) when ``size`` is n."""
+        n, d = X.shape
+        if size < n:
+            return X[torch.randint(0, n, (int(self.n_init), size), generator=g, device=X.device)]
+        return X.unsqueeze(0).expand(int(self.n_init), n, d)
+
+    def _set_fitted(self, X: torch.Tensor, centres: torch.Tensor, n_steps: int, batch: int,
+                    scale: torch.Tensor, init_inertia: torch.Tensor) -> None:
+        """The fitted attributes, from a fit on ``X / scale`` scaled back (exactly: a power of
+        two)."""
         self.n_steps_ = n_steps
-        self.n_iter_ = int(math.ceil(n_steps * batch / n))
+        self.n_iter_ = int(math.ceil(n_steps * batch / X.shape[0]))
         self.labels_, inertia = _labels_inertia(X, centres)
         self.cluster_centers_ = centres * scale  # exact: a power of two
         s64 = scale.to(_F64)
         # Two products, not one by s², which overflows before the inertia does.
         self.inertia_tensor_ = inertia * s64 * s64
-        self._init_inertia = cand_inertia.min() * s64 * s64
-        return self
+        self._init_inertia = init_inertia * s64 * s64
 
     @property
     def inertia_(self) -> float:
@@ -738,56 +340,39 @@ class MiniBatchKMeans:
         budget = (int(self.max_iter) * n) // p.batch
         S = int(self.sync_every)
         look_every = 1 if _resolve_loop(self.loop) == "host" else S
-        weights = {}
-
-        c = centres
-        T = _augment(c) * 2.0**-60  # counts start at ε: T / w is the initial centre until updated
-        c_sq = (c * c).sum(1, keepdim=True)
+        weights = {}  # _ewa_weights per number of judged steps
         if dev.type != "cpu":
             p.arange_k = torch.arange(p.k, device=dev).unsqueeze(1)
-        carry = (X.new_zeros((), dtype=_F64), X.new_full((), math.inf, dtype=_F64),
-                 torch.full((), -1, device=dev, dtype=torch.long))
-        since = torch.zeros((), device=dev, dtype=torch.long)
-        state = (T, c, c_sq, since, carry)
+        state = _initial_state(centres)
         x_sq_all = _row_sq(X)  # ‖x‖² of every row
         buf = X.new_ones(S * p.batch, d + 1, dtype=_F64)  # batches as [x, 1] rows, reused
-        start = 0
-        while start < budget:
-            rows = min(S, budget - start)
-            idx = _draw_batches(n, rows, p.batch, g, dev).view(-1)
-            x1 = buf[: rows * p.batch]
-            x1[:, :d] = X.index_select(0, idx)
-            x1 = x1.view(rows, p.batch, d + 1)
-            x_sq = x_sq_all.index_select(0, idx).view(rows, p.batch).sum(1)  # Σ‖x‖² per batch
-            views = None
-            for s0 in range(0, rows, look_every):
-                s1 = min(s0 + look_every, rows)
-                # The fit's first step is not judged: its inertia measures the initial centres.
-                skip = 1 if start + s0 == 0 else 0
-                first = start + s0 + skip == 1
-                L = s1 - s0 - skip
-                if L > 0 and L not in weights:
-                    weights[L] = _ewa_weights(L, p.alpha, dev)
-                w = weights.get(L)
-                if s1 - s0 == rows or runner.graphs:
-                    whole = s1 - s0 == rows
-                    fn = functools.partial(_chunk, weights=w, p=p, skip=skip, first=first)
-                    state, hist, stop_at = runner(
-                        ("chunk", p.key(), skip, first), fn,
-                        (state, x1 if whole else x1[s0:s1], x_sq if whole else x_sq[s0:s1]))
-                else:  # the host loop, eager: the per-step views once per draw, as _chunk's
-                    if views is None:
-                        views = (x1.unbind(0), x1[..., :d].transpose(1, 2).unbind(0),
-                                 x1[:, : p.k].unbind(0) if p.k <= p.batch else (None,) * rows)
-                    xs, xts, cands = views
-                    state, hist, stop_at = _chunk_steps(
-                        state, xs[s0:s1], xts[s0:s1], cands[s0:s1],
-                        x_sq[s0:s1] if L > 0 else None, w, p, skip, first)
-                if stop_at is not None:
-                    j = int(stop_at)  # the one host sync of these steps
-                    if j < L:
-                        return _centres(hist[skip + j], d), start + s0 + skip + j + 1
-            start += rows
+        for start, rows, s0, s1 in _looks(budget, S, look_every):
+            if s0 == 0:  # a new chunk: its batches drawn at once
+                x1, x_sq = _draw_chunk(X, x_sq_all, buf, rows, p.batch, g)
+                views = None
+            # The fit's first step is not judged: its inertia measures the initial centres.
+            skip = 1 if start + s0 == 0 else 0
+            first = start + s0 + skip == 1
+            L = s1 - s0 - skip
+            if L > 0 and L not in weights:
+                weights[L] = _ewa_weights(L, p.alpha, dev)
+            w = weights.get(L)
+            if s1 - s0 == rows or runner.graphs:
+                whole = s1 - s0 == rows
+                fn = functools.partial(_chunk, weights=w, p=p, skip=skip, first=first)
+                state, hist, stop_at = runner(
+                    ("chunk", p.key(), skip, first), fn,
+                    (state, x1 if whole else x1[s0:s1], x_sq if whole else x_sq[s0:s1]))
+            else:  # the host loop, eager: the per-step views once per draw, as _chunk's
+                if views is None:
+                    views = _step_views(x1, p)
+                state, hist, stop_at = _chunk_steps(
+                    state, *(v[s0:s1] for v in views), x_sq[s0:s1] if L > 0 else None, w, p,
+                    skip, first)
+            if stop_at is not None:
+                j = int(stop_at)  # the one host sync of these steps
+                if j < L:
+                    return _centres(hist[skip + j], d), start + s0 + skip + j + 1
         return _centres(state[0], d), budget
 
     # ------------------------------------------------------------------ predict
@@ -807,7 +392,3 @@ class MiniBatchKMeans:
             scale = _pow2_scale(X, self.cluster_centers_)  # as the fit: no square overflows
             return _labels_inertia(X / scale, self.cluster_centers_.to(_F64) / scale.to(_F64))[0]
 
-
-def _centres(T: torch.Tensor, d: int) -> torch.Tensor:
-    """Centres ``T / w`` as (k, d) float64 from the running sums (k, d+1)."""
-    return T[:, :d] / T[:, d:]

@@ -209,7 +209,7 @@ def test_inertia_and_steps_in_distribution_with_sklearn(digits_images):
 def test_one_hot_sums_match_index_add():
     # Off the CPU the sums are a one-hot product (deterministic, unlike CUDA's atomics): the same
     # numbers as the CPU's index_add, checked here on the CPU.
-    from prewarm_gpu.kmeans import _accumulate, _LoopParams
+    from prewarm_gpu.kmeans_loop import _accumulate, _LoopParams
 
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(1024, 28, generator=gen, dtype=torch.float64)
@@ -227,7 +227,7 @@ def test_one_hot_sums_match_index_add():
 def test_stop_rule_by_hand():
     # scikit-learn's rule on a known inertia sequence (batch 1, alpha = 1: e = b), patience 3:
     # new minima 5, 4; then 6, 4.5 and 4.0 (not below 4) are 3 steps without one: stop there.
-    from prewarm_gpu.kmeans import _ewa_weights, _LoopParams, _stop_rule
+    from prewarm_gpu.kmeans_loop import _ewa_weights, _LoopParams, _stop_rule
 
     p = _LoopParams(MiniBatchKMeans(2, max_no_improvement=3), 1, 2, 1, 0.0)
     assert p.alpha == 1.0
@@ -246,7 +246,7 @@ def test_stop_rule_by_hand():
 
 
 def test_ewa_matches_the_recurrence():
-    from prewarm_gpu.kmeans import _ewa_weights
+    from prewarm_gpu.kmeans_loop import _ewa_weights
 
     alpha, e0 = 0.3, 2.0
     b = torch.rand(16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -13,15 +13,10 @@ import pytest
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from prewarm_gpu import MiniBatchKMeans, kmeans, prewarm_
+from prewarm_gpu import MiniBatchKMeans, kmeans, kmeans_graphs, prewarm_
 from prewarm_gpu.counters import count_dispatch
-from prewarm_gpu.kmeans import (
-    _augment,
-    _chunk,
-    _ewa_weights,
-    _kmeans_plusplus_rounds,
-    _LoopParams,
-)
+from prewarm_gpu.kmeans_loop import _chunk, _ewa_weights, _LoopParams
+from prewarm_gpu.kmeans_ops import _augment, _kmeans_plusplus_rounds
 
 F64 = torch.float64
 
@@ -142,7 +137,7 @@ def test_a_fit_chunk_dispatches_no_more_than_before():
 
 # ----------------------------------------------------------------- the graph path, on the CPU
 def _replaying_capture(log):
-    """A stand-in for ``kmeans._capture`` with a CUDA graph's semantics: static inputs, and
+    """A stand-in for ``kmeans_graphs._capture`` with a CUDA graph's semantics: static inputs, and
     outputs at fixed addresses that every replay overwrites."""
     def capture(fn, args):
         log.append(getattr(fn, "func", fn).__name__)
@@ -172,9 +167,9 @@ def test_graph_path_plumbing_gives_the_eager_bits(monkeypatch, options):
     X = torch.randn(1500, 6, generator=torch.Generator().manual_seed(1))
     eager = _fits(X, graphs=False, **options)
     log = []
-    monkeypatch.setattr(kmeans, "_GRAPHS", collections.OrderedDict())
+    monkeypatch.setattr(kmeans_graphs, "_GRAPHS", collections.OrderedDict())
     monkeypatch.setattr(kmeans, "_resolve_graphs", lambda graphs, device: True)
-    monkeypatch.setattr(kmeans, "_capture", _replaying_capture(log))
+    monkeypatch.setattr(kmeans_graphs, "_capture", _replaying_capture(log))
     _same_bits(_fits(X, **options), eager)
     assert log and log[0] == "_kmeans_plusplus_rounds" and set(log[1:]) == {"_chunk"}
     n = len(log)
@@ -189,9 +184,9 @@ def test_failed_capture_falls_back_to_eager_with_one_warning(monkeypatch):
     def refuse(fn, args):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(kmeans, "_GRAPHS", collections.OrderedDict())
+    monkeypatch.setattr(kmeans_graphs, "_GRAPHS", collections.OrderedDict())
     monkeypatch.setattr(kmeans, "_resolve_graphs", lambda graphs, device: True)
-    monkeypatch.setattr(kmeans, "_capture", refuse)
+    monkeypatch.setattr(kmeans_graphs, "_capture", refuse)
     with pytest.warns(RuntimeWarning) as record:
         got = _fits(X)
     assert len(record) == 1

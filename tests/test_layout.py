@@ -33,6 +33,28 @@ def test_the_registry_imports_only_the_standard_library():
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
+# The library core, lowest first: each module may import only the modules listed before it.
+CORE = ["checks", "_random", "patches", "rules", "layers", "filters", "kmeans_ops", "kmeans_loop",
+        "kmeans_graphs", "kmeans", "prewarm_checks", "prewarm_plan", "prewarm"]
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The prewarm_gpu modules a module of the package imports, anywhere in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prewarm_gpu."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+def test_the_library_core_imports_only_modules_below_it():
+    for i, name in enumerate(CORE):
+        above = _package_imports(ROOT / "prewarm_gpu" / f"{name}.py") - set(CORE[:i])
+        assert not above, f"{name}.py imports {sorted(above)}, not below it in the core"
+
+
 @pytest.mark.parametrize("first", ["prewarm_gpu.registry", "prewarm_gpu.models",
                                    "prewarm_gpu.methods.lion_dg", "prewarm_gpu.experiment.plan"])
 def test_the_tables_are_complete_whatever_is_imported_first(first):

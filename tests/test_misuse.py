@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prewarm_gpu import MiniBatchKMeans, experiment, kmeans, patches, prewarm_
+from prewarm_gpu import MiniBatchKMeans, experiment, kmeans_ops, patches, prewarm_
 from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep, units
 from prewarm_gpu.experiment import run as engine
 
@@ -59,7 +59,7 @@ def test_no_temporary_is_larger_than_the_patch_matrix(monkeypatch):
     float64 copy of it (‖x‖², the variance) and no (N, d) int64 gather index. Before, both were
     built whole. (The k-means loop's own buffer, 16 batches of float64 rows, does not grow with
     N; batch_size=16 keeps it below this tiny patch matrix.)"""
-    monkeypatch.setattr(kmeans, "_CHUNK", 1 << 12)
+    monkeypatch.setattr(kmeans_ops, "_CHUNK", 1 << 12)
     monkeypatch.setattr(patches, "GATHER_BLOCK", 1 << 12)
     conv = nn.Conv2d(3, 16, 4, stride=4)
     x = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -84,9 +84,9 @@ def test_memory_check_counts_the_images_dtype(monkeypatch, dtype, refused):
     # 64 images × 10 patches × 9 values: 23,040 bytes in float32, 46,080 in float64. With 30,000
     # bytes available, float64 images are refused (before: 4 bytes a value were assumed, so a
     # float64 matrix twice the figure passed) and float32 ones fit.
-    from prewarm_gpu import prewarm as pw
+    from prewarm_gpu import prewarm_checks
 
-    monkeypatch.setattr(pw, "_available_memory", lambda device: 30_000)
+    monkeypatch.setattr(prewarm_checks, "_available_memory", lambda device: 30_000)
     net = nn.Conv2d(1, 8, 3).to(dtype)
     before = _snapshot(net)
     x = torch.rand(64, 1, 12, 12, generator=torch.Generator().manual_seed(0), dtype=dtype)
@@ -115,12 +115,12 @@ def test_prewarm_rescales_the_patch_matrix_in_place(monkeypatch):
 def test_cuda_free_memory_counts_the_caching_allocators_free_blocks(monkeypatch):
     # Issue 31 item 8: mem_get_info counts blocks PyTorch reserved but does not use as used;
     # they are free to this process. Faked here: no CUDA needed.
-    from prewarm_gpu import prewarm as pw
+    from prewarm_gpu import prewarm_checks
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3000)
-    assert pw._available_memory(torch.device("cuda")) == 1000 + 5000 - 3000
+    assert prewarm_checks._available_memory(torch.device("cuda")) == 1000 + 5000 - 3000
 
 
 # 2. one writer per sweep ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch import nn
 
 import reference
 from prewarm_gpu import conditioned_init, patches, prewarm_, rules
-from prewarm_gpu.prewarm import distance_weights, weight_and_normalise
+from prewarm_gpu.filters import distance_weights, weight_and_normalise
 
 
 class Net(nn.Module):
@@ -118,7 +118,7 @@ def test_larger_patch_is_centre_cropped():
 def test_larger_patch_cropped_around_its_centre_and_normalised_after():
     # §4.3: a centroid cropped to the kernel keeps the patch centre at the kernel centre; steps
     # 4-5 run on the cropped filter, so its std is σ and the Kaiming cap still holds.
-    from prewarm_gpu.prewarm import centre_crop
+    from prewarm_gpu.filters import centre_crop
 
     c = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(1, -1)  # C=2, patch 4×6
     crop = centre_crop(c, 2, (4, 6), 3).reshape(2, 3, 3)

@@ -20,7 +20,8 @@ from torch import nn
 from ..data import DATASETS
 from ..layers import find_conv
 from ..models import build_model
-from ..prewarm import _check_target, plan_prewarm
+from ..prewarm_checks import _check_target
+from ..prewarm_plan import plan_prewarm
 from .arms import seeded_cpu_rng
 from .plan import RunSpec
 
@@ -31,7 +32,7 @@ def check_prewarm_options(model: nn.Module, batch_shape: Sequence[int], options:
                           device: str | torch.device = "cpu") -> None:
     """Raise what :func:`prewarm_gpu.prewarm_` would raise for ``options`` on ``model`` and a
     batch of ``batch_shape`` (B, C, H, W), for every check that needs no pixel value: the target
-    conv, then :func:`prewarm_gpu.prewarm.plan_prewarm` (the same code ``prewarm_`` runs) with
+    conv, then :func:`prewarm_gpu.prewarm_plan.plan_prewarm` (the same code ``prewarm_`` runs) with
     the memory of ``device`` for a float32 patch matrix. ``n_patches="auto"`` depends on the
     pixels (eq. 5/6): its patch count is not checked here."""
     name, conv = find_conv(model, batch_shape[1], options.get("layer"))
