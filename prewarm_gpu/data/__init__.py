@@ -5,8 +5,8 @@
 and the other files of its split); CIFAR-10, SVHN and CIFAR-100 with torchvision's own dataset
 classes, from a data directory (downloaded only when asked); ``digits`` is scikit-learn's
 bundled 8×8 handwritten digits (no download; the default). Each split is loaded once as a uint8
-tensor on the device. Pixels are scaled to [0, 1] and standardised per channel with training-set
-statistics, batch by batch; the raw [0, 1] images stay available for Pre-Warm's rules.
+tensor on the device. Pixels are scaled to [0, 1] and standardised with the training set's
+per-channel mean and std, batch by batch; the raw [0, 1] images stay available for Pre-Warm's rules.
 
 One job per module, each importing only those above it in this list: :mod:`.catalog` (Table 1's
 protocol, names, the two errors), :mod:`.idx` (LeCun's idx format), :mod:`.files` (where the

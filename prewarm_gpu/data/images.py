@@ -20,7 +20,8 @@ __all__ = ["ImageData", "data_fingerprint", "load_dataset"]
 
 @dataclass
 class ImageData:
-    """A dataset on one device: uint8 images (N, C, H, W), int64 labels, training-set statistics.
+    """A dataset on one device: uint8 images (N, C, H, W), int64 labels, the training set's
+    per-channel mean and std.
 
     ``raw(x) = x / max_value`` is in [0, 1]; ``standardise(x) = (raw(x) - mean) / std`` per channel.
     """
@@ -101,8 +102,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         device: where the tensors live.
 
     Returns:
-        :class:`ImageData` with training-set per-channel statistics; ``source`` says where the
-        files were read from.
+        :class:`ImageData` with the training set's per-channel mean and std; ``source`` says
+        where the files were read from.
     """
     name = canonical_name(name)
     (xtr, ytr, xte, yte), max_value, source, files = read_splits(name, data_dir, download)

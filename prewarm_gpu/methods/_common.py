@@ -1,6 +1,6 @@
 """Shared helpers of the related methods: layer selection, input checks, measurement, rollback,
-and the layer-wise pass LSUV and datadep share (:func:`layers_to_visit`, :func:`on_model_device`,
-:func:`layerwise_scope`, :func:`visit_in_execution_order`)."""
+and the layer-wise pass LSUV and datadep share (:func:`layerwise_setup`, :func:`layerwise_scope`,
+:func:`visit_in_execution_order`)."""
 
 from __future__ import annotations
 
@@ -117,9 +117,13 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def layers_to_visit(model: nn.Module, types: tuple[type, ...], exclude: Iterable[str],
-                    method: str) -> list[tuple[str, nn.Module]]:
-    """:func:`select_layers`, refusing a model in which there is none."""
+def layerwise_setup(model: nn.Module, images: torch.Tensor,
+                    generator: int | torch.Generator | None, *, types: tuple[type, ...],
+                    exclude: Iterable[str], method: str
+                    ) -> tuple[list[tuple[str, nn.Module]], torch.Tensor, torch.Generator]:
+    """What a layer-wise initialiser starts from: the layers of ``types`` it visits
+    (:func:`select_layers`; a model without one is refused), the batch moved to the model's
+    device, and the one random source normalised there."""
     layers = select_layers(model, types, exclude)
     if not layers:
         kinds = "/".join(t.__name__ for t in types)
@@ -127,15 +131,8 @@ def layers_to_visit(model: nn.Module, types: tuple[type, ...], exclude: Iterable
             f"{method} found no {kinds} layer to initialise in {type(model).__name__}"
             + (f" (excluded: {list(exclude)})" if exclude else "")
         )
-    return layers
-
-
-def on_model_device(model: nn.Module, images: torch.Tensor, generator: int | torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Generator]:
-    """The batch moved to the model's device, and the one random source normalised there."""
     device = model_device(model)
-    g = as_generator(generator, device)
-    return images.to(device), g
+    return layers, images.to(device), as_generator(generator, device)
 
 
 @contextmanager

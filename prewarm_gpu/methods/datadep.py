@@ -66,10 +66,9 @@ from ..kmeans import MiniBatchKMeans
 from ..registry import register
 from ._common import (
     AFFINE,
-    layers_to_visit,
     layerwise_scope,
+    layerwise_setup,
     model_device,
-    on_model_device,
     require_images,
     select_layers,
     visit_in_execution_order,
@@ -308,10 +307,10 @@ def datadep_(
         ['conv1', 'conv2', 'fc1', 'fc2']
     """
     _check_options(variant, max_rounds, tol, max_samples)
-    layers = layers_to_visit(model, _LAYERS, exclude, "datadep")
+    layers, images, g = layerwise_setup(model, images, generator, types=_LAYERS, exclude=exclude,
+                                        method="datadep")
     layer_ids = {id(m) for _, m in layers}
     skipped = [n for n, m in select_layers(model, AFFINE, exclude) if id(m) not in layer_ids]
-    images, g = on_model_device(model, images, generator)
     weights: dict[str, str] = {}
 
     def init_layer(name, module, args, output):

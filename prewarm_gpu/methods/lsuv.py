@@ -41,10 +41,9 @@ from ..checks import check_int, is_real
 from ..registry import register
 from ._common import (
     AFFINE,
-    layers_to_visit,
     layerwise_scope,
+    layerwise_setup,
     model_device,
-    on_model_device,
     require_images,
     visit_in_execution_order,
 )
@@ -104,8 +103,8 @@ def lsuv_(
     if not (is_real(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     check_int("max_iter", max_iter, 0)
-    layers = layers_to_visit(model, AFFINE, exclude, "LSUV")
-    images, g = on_model_device(model, images, generator)
+    layers, images, g = layerwise_setup(model, images, generator, types=AFFINE, exclude=exclude,
+                                        method="LSUV")
     variance: dict[str, float] = {}
     iterations: dict[str, int] = {}
 
