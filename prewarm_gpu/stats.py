@@ -82,6 +82,26 @@ def paired_stats(method: Sequence[float], base: Sequence[float]) -> PairedStats:
     if n == 0:
         raise ValueError("no pairs: both arms need at least one finished seed")
     d = m - k
+    delta = float(d.mean())
+    base_mean = float(k.mean())
+    err = 1.0 - base_mean
+    return PairedStats(
+        n=n,
+        base_mean=base_mean,
+        base_std=float(k.std(ddof=1)) if n >= 2 else math.nan,
+        method_mean=float(m.mean()),
+        method_std=float(m.std(ddof=1)) if n >= 2 else math.nan,
+        delta_acc=delta,
+        delta_err_pct=-delta / err * 100.0 if err > 0 else math.nan,
+        **_paired_tests(m, k, d),
+        diff_std=float(d.std(ddof=1)) if n >= 2 else math.nan,
+    )
+
+
+def _paired_tests(m: np.ndarray, k: np.ndarray, d: np.ndarray) -> dict[str, Any]:
+    """:class:`PairedStats`' tests of the differences ``d = m - k``: t and p, the wins and ties,
+    the sign test, Wilcoxon's signed-rank p and the bootstrap interval (nan where undefined)."""
+    n = d.size
     t = p = math.nan
     # Equal differences (up to rounding of the accuracies) make t 0/0 or x/0: undefined.
     if n >= 2 and np.ptp(d) > 1e-12:
@@ -98,27 +118,8 @@ def paired_stats(method: Sequence[float], base: Sequence[float]) -> PairedStats:
         ci = sps.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999,
                            rng=np.random.default_rng(0)).confidence_interval
         ci_low, ci_high = float(ci.low), float(ci.high)
-    delta = float(d.mean())
-    base_mean = float(k.mean())
-    err = 1.0 - base_mean
-    return PairedStats(
-        n=n,
-        base_mean=base_mean,
-        base_std=float(k.std(ddof=1)) if n >= 2 else math.nan,
-        method_mean=float(m.mean()),
-        method_std=float(m.std(ddof=1)) if n >= 2 else math.nan,
-        delta_acc=delta,
-        delta_err_pct=-delta / err * 100.0 if err > 0 else math.nan,
-        t=t,
-        p=p,
-        wins=wins,
-        ties=ties,
-        sign_p=sign_p,
-        wilcoxon_p=wilcoxon_p,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        diff_std=float(d.std(ddof=1)) if n >= 2 else math.nan,
-    )
+    return {"t": t, "p": p, "wins": wins, "ties": ties, "sign_p": sign_p,
+            "wilcoxon_p": wilcoxon_p, "ci_low": ci_low, "ci_high": ci_high}
 
 
 def _check_design(sd: float, n: int, alpha: float) -> None:

@@ -16,6 +16,7 @@ import torch
 import torchvision.datasets as tvd
 
 from prewarm_gpu import data as D
+from prewarm_gpu.data import files as data_files
 
 # --- writers -------------------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ def test_flat_files_load_with_some_gzipped_and_some_not(tmp_path):
 def test_default_data_dir_is_dot_data_then_the_system_folder(tmp_path, monkeypatch):
     system = tmp_path / "system"
     arrays = write_mnist(system / "fashion-mnist", None, gz=True, seed=1)
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", system)
+    monkeypatch.setattr(data_files, "SYSTEM_DATA_DIR", system)
     monkeypatch.chdir(tmp_path)
     d = D.load_dataset("fashion-mnist")  # no ./data: the system folder
     assert d.source == system / "fashion-mnist"
@@ -219,7 +220,7 @@ def test_default_data_dir_is_dot_data_then_the_system_folder(tmp_path, monkeypat
 
 
 def test_missing_data_names_every_place_looked_at(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(data_files, "SYSTEM_DATA_DIR", tmp_path / "system")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(D.DatasetNotFoundError) as e:
         D.load_dataset("fashion-mnist")
@@ -327,13 +328,13 @@ def test_corrupt_file_reraises_torchvisions_error_with_the_expected_paths(tmp_pa
 def test_torchvision_arrays_of_the_wrong_shape_are_bad_data_naming_the_files(tmp_path,
                                                                             monkeypatch):
     write_svhn(tmp_path, monkeypatch)
-    real = D._torchvision_splits
+    real = data_files._torchvision_splits
 
     def short_labels(name, root):
         xtr, ytr, xte, yte = real(name, root)
         return xtr, ytr[:-1], xte, yte
 
-    monkeypatch.setattr(D, "_torchvision_splits", short_labels)
+    monkeypatch.setattr(data_files, "_torchvision_splits", short_labels)
     with pytest.raises(D.DatasetInvalidError, match="svhn train split .*train_32x32.mat"):
         D.load_dataset("svhn", data_dir=tmp_path)
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from prewarm_gpu import data as D
+from prewarm_gpu.data.files import SYSTEM_DATA_DIR
 from prewarm_gpu.experiment import SweepConfig, run_sweep
 from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.experiment.plan import plan_runs
 from prewarm_gpu.experiment.report import stats_row
 
-FASHION = D.SYSTEM_DATA_DIR / "fashion-mnist"
+FASHION = SYSTEM_DATA_DIR / "fashion-mnist"
 
 pytestmark = [
     pytest.mark.realdata,

@@ -1,4 +1,6 @@
-"""Shared helpers of the related methods: layer selection, input checks, measurement, rollback."""
+"""Shared helpers of the related methods: layer selection, input checks, measurement, rollback,
+and the layer-wise pass LSUV and datadep share (:func:`layerwise_setup`, :func:`layerwise_scope`,
+:func:`visit_in_execution_order`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from .._random import as_generator
+from ..precision import float32_scope
 from ..registry import split_data
 
 AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -113,33 +117,61 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def first_call(fn):
-    """Wrap a forward hook ``fn(name, module, args, output)``: act on a module's first call."""
-    done: set[int] = set()
+def layerwise_setup(model: nn.Module, images: torch.Tensor,
+                    generator: int | torch.Generator | None, *, types: tuple[type, ...],
+                    exclude: Iterable[str], method: str
+                    ) -> tuple[list[tuple[str, nn.Module]], torch.Tensor, torch.Generator]:
+    """What a layer-wise initialiser starts from: the layers of ``types`` it visits
+    (:func:`select_layers`; a model without one is refused), the batch moved to the model's
+    device, and the one random source normalised there."""
+    layers = select_layers(model, types, exclude)
+    if not layers:
+        kinds = "/".join(t.__name__ for t in types)
+        raise ValueError(
+            f"{method} found no {kinds} layer to initialise in {type(model).__name__}"
+            + (f" (excluded: {list(exclude)})" if exclude else "")
+        )
+    device = model_device(model)
+    return layers, images.to(device), as_generator(generator, device)
+
+
+@contextmanager
+def layerwise_scope(model: nn.Module) -> Iterator[None]:
+    """Where a layer-wise initialiser works: no autograd, :func:`measurement_mode`, the model
+    :func:`rollback`-ed on an error, and IEEE fp32 (no TF32 convolutions on CUDA: the statistics
+    are measured, not approximated)."""
+    with torch.no_grad(), rollback(model), measurement_mode(model), float32_scope("ieee"):
+        yield
+
+
+def visit_in_execution_order(model: nn.Module, layers: list[tuple[str, nn.Module]], step,
+                             images: torch.Tensor, method: str) -> list[str]:
+    """One forward pass on ``images`` in which ``step(name, module, args, output)`` runs inside
+    each layer's forward hook, on its first call only; what ``step`` returns is the output the rest
+    of the pass sees. Returns the layers' names in execution order; every layer must have run.
+
+    Raises:
+        RuntimeError: a layer did not run in the forward pass.
+    """
+    order: list[str] = []
 
     def hook_for(name: str):
         def hook(module, args, output):
-            if id(module) in done:
+            if name in order:  # a module called twice in the pass is visited once
                 return None
-            done.add(id(module))
-            return fn(name, module, args, output)
+            order.append(name)
+            return step(name, module, args, output)
 
         return hook
 
-    hook_for.done = done
-    return hook_for
-
-
-def forward_with_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], hook_for,
-                       images: torch.Tensor, method: str) -> None:
-    """One forward pass with ``hook_for(name)`` on each layer; every hook must have fired."""
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
     try:
         model(images)
     finally:
         for h in handles:
             h.remove()
-    missed = [n for n, m in layers if id(m) not in hook_for.done]
+    missed = [n for n, _ in layers if n not in order]
     if missed:
         raise RuntimeError(f"{method}: layers {missed} did not run in the forward pass on the "
                            "batch; exclude them or check the model's forward")
+    return order

@@ -61,21 +61,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._random import as_generator
 from ..checks import check_int
 from ..kmeans import MiniBatchKMeans
-from ..precision import float32_scope
 from ..registry import register
 from ._common import (
     AFFINE,
-    first_call,
-    forward_with_hooks,
-    measurement_mode,
+    layerwise_scope,
+    layerwise_setup,
     model_device,
     require_images,
-    rollback,
+    select_layers,
+    visit_in_execution_order,
 )
-from ._common import select_layers as _select
 
 __all__ = ["datadep_", "layer_inputs", "VARIANTS", "datadep"]
 
@@ -309,50 +306,38 @@ def datadep_(
         >>> report["order"]
         ['conv1', 'conv2', 'fc1', 'fc2']
     """
+    _check_options(variant, max_rounds, tol, max_samples)
+    layers, images, g = layerwise_setup(model, images, generator, types=_LAYERS, exclude=exclude,
+                                        method="datadep")
+    layer_ids = {id(m) for _, m in layers}
+    skipped = [n for n, m in select_layers(model, AFFINE, exclude) if id(m) not in layer_ids]
+    weights: dict[str, str] = {}
+
+    def init_layer(name, module, args, output):
+        weights[name] = _init_weight_(module, args[0], variant, max_samples, g)
+        return _standardise_(module, args[0], beta)
+
+    with layerwise_scope(model):
+        order = visit_in_execution_order(model, layers, init_layer, images, "datadep")
+        between = (_between_layer_(model, images, _in_order(layers, order), g, max_rounds, tol)
+                   if between_layer else None)
+    return {"variant": variant, "order": order, "weights": weights,
+            "no_bias": [n for n, m in layers if m.bias is None], "skipped": skipped,
+            "between_layer": between}
+
+
+def _in_order(layers: list[tuple[str, nn.Module]], order: list[str]) -> list[tuple[str, nn.Module]]:
+    by_name = dict(layers)
+    return [(n, by_name[n]) for n in order]
+
+
+def _check_options(variant: str, max_rounds: int, tol: float, max_samples: int) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     check_int("max_rounds", max_rounds, 0)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     check_int("max_samples", max_samples, 2)
-    layers = _select(model, _LAYERS, exclude)
-    if not layers:
-        raise ValueError(
-            f"datadep found no Conv2d/Linear layer to initialise in {type(model).__name__}"
-            + (f" (excluded: {list(exclude)})" if exclude else "")
-        )
-    layer_ids = {id(m) for _, m in layers}
-    skipped = [n for n, m in _select(model, AFFINE, exclude) if id(m) not in layer_ids]
-    device = model_device(model)
-    g = as_generator(generator, device)
-    images = images.to(device)
-
-    order: list[str] = []
-    weights: dict[str, str] = {}
-
-    def init_layer(name, module, args, output):
-        x = args[0]
-        weights[name] = _init_weight_(module, x, variant, max_samples, g)
-        order.append(name)
-        return _standardise_(module, x, beta)
-
-    hook_for = first_call(init_layer)
-    # IEEE fp32 (no TF32 convolutions on CUDA) for the standardisation and gradient ratios.
-    with torch.no_grad(), rollback(model), measurement_mode(model), float32_scope("ieee"):
-        forward_with_hooks(model, layers, hook_for, images, "datadep")
-        between = None
-        if between_layer:
-            by_order = dict(layers)
-            between = _between_layer_(model, images, [(n, by_order[n]) for n in order], g,
-                                      max_rounds, tol)
-    return {
-        "variant": variant,
-        "order": order,
-        "weights": weights,
-        "no_bias": [n for n, m in layers if m.bias is None],
-        "skipped": skipped,
-        "between_layer": between,
-    }
 
 
 @register("datadep", options_of=datadep_)

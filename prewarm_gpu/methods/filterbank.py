@@ -268,6 +268,20 @@ def filterbank_(
     if isinstance(bank, (str, os.PathLike)):
         bank = load_bank(bank)
     _check_bank(bank)
+    entries = bank["layers"]
+    convs, matched = _matching_convs(model, entries, layers)
+    device = next(iter(matched.values())).weight.device
+    g = as_generator(generator, device)
+    with torch.no_grad():
+        stds = {name: _fill_(conv.weight, entries[name], match_he, device, g)
+                for name, conv in matched.items()}
+    return {"filled": list(matched), "unmatched": [n for n in convs if n not in matched],
+            "std": stds}
+
+
+def _matching_convs(model: nn.Module, entries: Mapping[str, Any], layers: Iterable[str] | None
+                    ) -> tuple[dict[str, nn.Conv2d], dict[str, nn.Conv2d]]:
+    """(the convs asked for, those of them the bank has an entry of the same kernel size for)."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if layers is not None:
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -275,7 +289,6 @@ def filterbank_(
         if missing:
             raise ValueError(f"layers {missing} are not Conv2d layers of {type(model).__name__}")
         convs = {n: convs[n] for n in layers}
-    entries = bank["layers"]
     matched = {n: m for n, m in convs.items()
                if n in entries and tuple(entries[n]["centres"].shape[1:]) == tuple(m.kernel_size)}
     if not matched:
@@ -284,24 +297,23 @@ def filterbank_(
             f"model convs {[(n, tuple(m.kernel_size)) for n, m in convs.items()]}, bank layers "
             f"{[(n, tuple(e['centres'].shape[1:])) for n, e in entries.items()]}"
         )
-    device = next(iter(matched.values())).weight.device
-    g = as_generator(generator, device)
-    stds = {}
-    with torch.no_grad():
-        for name, conv in matched.items():
-            w = conv.weight
-            centres = entries[name]["centres"].to(device, torch.float64)
-            pdf = entries[name]["pdf"].to(device, torch.float64)
-            idx = torch.multinomial(pdf, w.shape[0] * w.shape[1], replacement=True, generator=g)
-            new = centres[idx].reshape(w.shape)
-            if match_he:
-                std = new.std(unbiased=False)
-                if std > 0:
-                    new = new * ((2.0 / w[0].numel()) ** 0.5 / std)
-            w.copy_(new)
-            stds[name] = float(new.std(unbiased=False))
-    return {"filled": list(matched), "unmatched": [n for n in convs if n not in matched],
-            "std": stds}
+    return convs, matched
+
+
+def _fill_(w: torch.Tensor, entry: Mapping[str, torch.Tensor], match_he: bool,
+           device: torch.device, g: torch.Generator) -> float:
+    """One conv's weight from its bank entry, drawn on ``device`` (under ``no_grad``); returns
+    the weight's std."""
+    centres = entry["centres"].to(device, torch.float64)
+    pdf = entry["pdf"].to(device, torch.float64)
+    idx = torch.multinomial(pdf, w.shape[0] * w.shape[1], replacement=True, generator=g)
+    new = centres[idx].reshape(w.shape)
+    if match_he:
+        std = new.std(unbiased=False)
+        if std > 0:
+            new = new * ((2.0 / w[0].numel()) ** 0.5 / std)
+    w.copy_(new)
+    return float(new.std(unbiased=False))
 
 
 @register("filterbank", options_of=filterbank_)

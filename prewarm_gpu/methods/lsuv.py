@@ -37,20 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._random import as_generator
 from ..checks import check_int, is_real
-from ..precision import float32_scope
 from ..registry import register
 from ._common import (
     AFFINE,
-    first_call,
-    forward_with_hooks,
-    measurement_mode,
+    layerwise_scope,
+    layerwise_setup,
     model_device,
     require_images,
-    rollback,
+    visit_in_execution_order,
 )
-from ._common import select_layers as _select
 
 __all__ = ["lsuv_", "orthonormal_", "lsuv"]
 
@@ -107,52 +103,50 @@ def lsuv_(
     if not (is_real(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     check_int("max_iter", max_iter, 0)
-    layers = _select(model, AFFINE, exclude)
-    if not layers:
-        raise ValueError(
-            f"LSUV found no Conv1d/Conv2d/Conv3d/Linear layer to initialise in "
-            f"{type(model).__name__}"
-            + (f" (excluded: {list(exclude)})" if exclude else "")
-        )
-    device = model_device(model)
-    g = as_generator(generator, device)
-    images = images.to(device)
-
-    order: list[str] = []
+    layers, images, g = layerwise_setup(model, images, generator, types=AFFINE, exclude=exclude,
+                                        method="LSUV")
     variance: dict[str, float] = {}
     iterations: dict[str, int] = {}
 
     def scale_layer(name, module, args, output):
-        var, it = _variance(output), 0
-        while abs(var - 1.0) >= tol and it < max_iter:
-            if not math.isfinite(var) or var <= 0.0:
-                raise ValueError(
-                    f"LSUV: the output variance of layer {name!r} is {var}; it cannot be scaled to "
-                    "1 (a zero or constant layer?); exclude it"
-                )
-            module.weight.mul_(1.0 / math.sqrt(var))
-            output = module.forward(*args)  # forward(), not __call__: no hooks
-            var, it = _variance(output), it + 1
-        order.append(name)
-        variance[name] = var
-        iterations[name] = it
+        output, variance[name], iterations[name] = _scale_to_unit_variance_(
+            name, module, args, output, tol, max_iter)
         return output
 
-    hook_for = first_call(scale_layer)
-    # IEEE fp32 (no TF32 convolutions on CUDA): the variances are measured, not approximated.
-    with torch.no_grad(), rollback(model), measurement_mode(model), float32_scope("ieee"):
+    with layerwise_scope(model):
         if orthonormal:
-            for _, m in layers:
-                orthonormal_(m.weight, generator=g)
-                if m.bias is not None:
-                    m.bias.zero_()
-        forward_with_hooks(model, layers, hook_for, images, "LSUV")
+            _orthonormal_layers_(layers, g)
+        order = visit_in_execution_order(model, layers, scale_layer, images, "LSUV")
     return {
         "order": order,
         "variance": variance,
         "iterations": iterations,
         "converged": {n: abs(v - 1.0) < tol for n, v in variance.items()},
     }
+
+
+def _orthonormal_layers_(layers: list[tuple[str, nn.Module]], g: torch.Generator) -> None:
+    """The orthonormal pre-initialisation: every layer's weight, in selection order; zero biases."""
+    for _, m in layers:
+        orthonormal_(m.weight, generator=g)
+        if m.bias is not None:
+            m.bias.zero_()
+
+
+def _scale_to_unit_variance_(name: str, module: nn.Module, args, output: torch.Tensor, tol: float,
+                             max_iter: int) -> tuple[torch.Tensor, float, int]:
+    """One layer's LSUV loop, inside its forward hook: ``(output, final Var, rescalings)``."""
+    var, it = _variance(output), 0
+    while abs(var - 1.0) >= tol and it < max_iter:
+        if not math.isfinite(var) or var <= 0.0:
+            raise ValueError(
+                f"LSUV: the output variance of layer {name!r} is {var}; it cannot be scaled to "
+                "1 (a zero or constant layer?); exclude it"
+            )
+        module.weight.mul_(1.0 / math.sqrt(var))
+        output = module.forward(*args)  # forward(), not __call__: no hooks
+        var, it = _variance(output), it + 1
+    return output, var, it
 
 
 @register("lsuv", options_of=lsuv_)
