@@ -3,7 +3,7 @@
 (a) is how the paper's code would run: a ``torch.utils.data.DataLoader`` over the standardised
 images on the host, one run at a time, a host sync (``loss.item()``) every step. (b) is
 :func:`prewarm_gpu.train.train` (data on the device, no per-step sync), one run at a time. (c) is
-:func:`prewarm_gpu.batched.train_batched`: all runs of a dataset as one stacked model.
+:func:`prewarm_gpu.train.train_batched`: all runs of a dataset as one stacked model.
 
 Data are synthetic uint8 tensors shaped like the five datasets (``--size full``: the real train and
 test sizes) or small ones (``--size tiny``), so no download is needed; only throughput is measured.
@@ -32,10 +32,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from prewarm_gpu.batched import BACKENDS, train_batched
 from prewarm_gpu.data import DATASETS, ImageData
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.train import TrainConfig, cosine_lr, train
+from prewarm_gpu.train import BACKENDS, TrainConfig, cosine_lr, train, train_batched
 
 SEEDS = [42, 7, 13, 99, 2025, 1, 8, 21]
 FULL = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000), "cifar10": (50000, 10000),
@@ -202,7 +201,7 @@ def main(argv=None) -> dict:
         t_b = timed(run_single, dev, data, cfg_cmp, seeds)
         t_c = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision)
         images = runs * cmp_steps * base.batch_size
-        # Each backend on the same runs and steps: the figures prewarm_gpu.batched.MEASURED holds.
+        # Each backend on the same runs and steps: the figures prewarm_gpu.train.MEASURED holds.
         speeds = {}
         for backend in BACKENDS[1:]:
             run_batched(data, warm, seeds[:1], args.precision, backend)
@@ -239,7 +238,7 @@ def main(argv=None) -> dict:
               f"{t_b / t_c:.2f}× single-run; sweep {t_sweep:.2f}s", file=sys.stderr)
     result["sweep_batched_total_s"] = sweep_seconds
     # Run-steps/s per backend, averaged over the datasets: load into the choice of --backend auto
-    # with prewarm_gpu.batched.load_measured(this JSON).
+    # with prewarm_gpu.train.load_measured(this JSON), passed as measured=.
     rows = [r["backend_run_steps_s"] for r in result["datasets"].values()]
     result["measured"] = {torch.device(dev).type: {
         b: sum(r[b] for r in rows) / len(rows) for b in rows[0]}} if rows else {}

@@ -36,7 +36,7 @@ Parts, in order:
 - ``kmeans``: ``MiniBatchKMeans`` against scikit-learn's on blobs of 7168×27 (k 16), 100k×27 (16),
   1M×27 (64), 1M×147 (64), each one's inertia as a ratio to the true centres' inertia.
 - ``training``: ``bench_training.py`` per dataset (the ``measured`` table that
-  ``prewarm_gpu.batched.load_measured`` reads), steps sized from the share.
+  ``prewarm_gpu.train.load_measured`` reads), steps sized from the share.
 """
 
 from __future__ import annotations
@@ -376,8 +376,7 @@ def _smoke_loops_agree(fits: dict) -> dict:
 
 
 def _smoke_train(data, backend: str, precision: str, steps: int = 3) -> dict:
-    from prewarm_gpu.batched import choose_backend, train_batched
-    from prewarm_gpu.train import TrainConfig
+    from prewarm_gpu.train import TrainConfig, choose_backend, train_batched
 
     models = [_simplecnn(data, s) for s in (0, 1)]
     cfg = TrainConfig(steps=steps, batch_size=32, lr_start=data.spec.lr_start,
@@ -500,7 +499,7 @@ def part_smoke(ctx: Ctx) -> None:
         ctx.case(f"kmeans loop={loop}", lambda loop=loop: _smoke_kmeans(dev, loop, fits),
                  kind="kmeans", guess=g)
     ctx.case("kmeans loops agree", lambda: _smoke_loops_agree(fits), guess=0.1)
-    from prewarm_gpu.batched import PRECISIONS
+    from prewarm_gpu.train import PRECISIONS
 
     for backend in ("grouped", "vmap", "loop", "auto"):
         for precision in PRECISIONS if backend != "auto" else ("fp32",):
@@ -733,7 +732,7 @@ def part_training(ctx: Ctx) -> None:
 
 def _measured(rows: dict[str, dict], dev: str) -> dict[str, dict[str, float]]:
     """Run-steps/s per backend, averaged over the datasets measured: the table
-    ``prewarm_gpu.batched.load_measured`` reads (``result["training"]["measured"]``)."""
+    ``prewarm_gpu.train.load_measured`` reads (``result["training"]["measured"]``)."""
     speeds = [r["backend_run_steps_s"] for r in rows.values() if "backend_run_steps_s" in r]
     if not speeds:
         return {}

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from .batched import BACKENDS
 from .data import (
     DATASETS,
     PAPER_DATASETS,
@@ -42,7 +41,8 @@ from .data import (
     DatasetNotFoundError,
     canonical_name,
 )
-from .step import GRAPHS
+from .training.backends import BACKENDS
+from .training.step import GRAPHS
 
 __all__ = ["main", "build_parser", "parse_init_options"]
 
@@ -183,7 +183,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="batched trainer: grouped convolutions, vmap, per-run kernels in one "
                    "step (loop), or batched matrix products over the runs (bmm); auto: the "
-                   "fastest measured for the device (prewarm_gpu.batched.MEASURED)")
+                   "fastest measured for the device (prewarm_gpu.training.backends.MEASURED)")
     p.add_argument("--compile", action="store_true",
                    help="the training step's forward (and backward) through torch.compile, "
                    "default mode; off by default (measured no faster on the CPU)")

@@ -88,8 +88,19 @@ def count_dispatch():
 
     Host syncs are the ops in ``_SYNC_OPS``, boolean-mask indexing, device-to-host copies, and the
     Python-level ``Tensor.tolist``/``numpy``/``cpu`` (which dispatch nothing on a CPU tensor).
+
+    To see those three, the block patches ``torch.Tensor``: for its duration, and only then,
+    ``torch.Tensor.tolist``/``numpy``/``cpu`` are wrappers that count each call and then call the
+    original. The patch is process-wide (every thread's calls are counted while the block runs)
+    and is undone on exit, exceptions included: the class's own dictionary is left exactly as it
+    was (a name that was inherited is deleted again, not shadowed by a copy of the original).
+    Nothing outside this context manager touches ``torch.Tensor``; importing this module patches
+    nothing. A development tool (the tests and ``benchmarks/gpu_suite.py`` use it), never called
+    by the library itself.
     """
     mode = DispatchCount()
+    own = torch.Tensor.__dict__
+    saved = {name: own.get(name) for name in _PY_READS}  # None: inherited, not set on Tensor
     originals = {name: getattr(torch.Tensor, name) for name in _PY_READS}
 
     def recording(name, fn):
@@ -98,11 +109,15 @@ def count_dispatch():
             return fn(self, *args, **kwargs)
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, recording(name, fn))
     try:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, recording(name, fn))
         with mode:
             yield mode
     finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
+        for name, value in saved.items():
+            if value is None:
+                if name in torch.Tensor.__dict__:
+                    delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, value)

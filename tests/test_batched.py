@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from prewarm_gpu import prewarm_
-from prewarm_gpu.batched import train_batched
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.train import TrainConfig, evaluate, train
+from prewarm_gpu.train import TrainConfig, evaluate, train, train_batched
 
 
 def _models(digits, seeds):

@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-from prewarm_gpu.batched import train_batched
-from prewarm_gpu.bmm import BmmSimpleCNN
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.train import TrainConfig
+from prewarm_gpu.train import TrainConfig, train_batched
+from prewarm_gpu.training.bmm import BmmSimpleCNN
 
 
 def _models(n, c=1, size=8, dtype=torch.float32):

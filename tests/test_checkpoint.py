@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from prewarm_gpu import experiment
-from prewarm_gpu.batched import MEASURED, choose_backend, train_batched
-from prewarm_gpu.checkpoint import Checkpointer, parse_every
 from prewarm_gpu.counters import count_dispatch
 from prewarm_gpu.experiment import SweepConfig, read_results, run_sweep, units
 from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.methods.lion_dg import DSSimpleCNN
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.train import TrainConfig, train
+from prewarm_gpu.train import MEASURED, TrainConfig, choose_backend, train, train_batched
+from prewarm_gpu.training.checkpoint import Checkpointer, parse_every
 
 
 @pytest.fixture(autouse=True)
@@ -253,15 +252,21 @@ def test_an_interrupted_sweep_resumes_from_checkpoints_to_the_same_records(
     assert json.loads((out / "summary.json").read_text())["datasets"]["digits"]["missing"] == []
 
 
-def test_measured_speeds_from_a_benchmark_json_decide_auto(tmp_path, monkeypatch):
-    from prewarm_gpu import batched
+def test_measured_speeds_from_a_benchmark_json_decide_auto(tmp_path):
+    from prewarm_gpu.train import load_measured
 
-    monkeypatch.setattr(batched, "MEASURED", {"cpu": dict(MEASURED["cpu"])})
+    before = {k: dict(v) for k, v in MEASURED.items()}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"measured": {"cpu": {"grouped": 99.0, "vmap": 1.0,
                                                      "loop": 2.0}}}))
-    batched.load_measured(str(path))
-    assert choose_backend("auto", _models([1, 2]), torch.device("cpu")) == "grouped"
+    table = load_measured(str(path))
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", _models([1, 2]), cpu, table) == "grouped"
+    assert {k: dict(v) for k, v in MEASURED.items()} == before  # the built-in table is unchanged
+    assert choose_backend("auto", _models([1, 2]), cpu) == max(before["cpu"],
+                                                                key=before["cpu"].get)
+    with pytest.raises(TypeError):
+        MEASURED["cpu"]["grouped"] = 1.0  # read-only: no caller can change what auto reads
     path.write_text(json.dumps({"measured": {"cpu": {"magic": 1.0}}}))
     with pytest.raises(ValueError, match="unknown backends"):
-        batched.load_measured(str(path))
+        load_measured(str(path))

@@ -194,12 +194,12 @@ def test_an_internal_error_keeps_its_traceback_and_exits_3(tmp_path, capsys, mon
 
 
 def test_an_interrupted_batch_says_exactly_what_was_kept(tmp_path, capsys, monkeypatch):
-    from prewarm_gpu import batched
+    from prewarm_gpu.training import loop
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batched, "train_batched", interrupt)
+    monkeypatch.setattr(loop, "train_batched", interrupt)
     code = cli.main(["reproduce", "--seeds", "42", "7", "--out", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert code == 130

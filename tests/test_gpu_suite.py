@@ -240,7 +240,7 @@ def test_the_launch_counter_on_torch_function_events(suite):
 
 
 def test_the_training_part_writes_the_table_auto_reads(suite, tmp_path):
-    from prewarm_gpu.batched import load_measured
+    from prewarm_gpu.train import MEASURED, load_measured
 
     rows = {"mnist": {"status": "ok", "backend_run_steps_s": {"grouped": 3.0, "loop": 5.0}},
             "cifar10": {"status": "ok", "backend_run_steps_s": {"grouped": 1.0, "loop": 1.0}},
@@ -249,14 +249,9 @@ def test_the_training_part_writes_the_table_auto_reads(suite, tmp_path):
     assert table == {"cpu-test": {"grouped": 2.0, "loop": 3.0}}
     path = tmp_path / "suite.json"
     path.write_text(json.dumps({"training": {"measured": table}}))
-    import prewarm_gpu.batched as batched
-
-    before = {k: dict(v) for k, v in batched.MEASURED.items()}
-    try:
-        assert load_measured(str(path))["cpu-test"] == {"grouped": 2.0, "loop": 3.0}
-    finally:
-        batched.MEASURED.clear()
-        batched.MEASURED.update(before)
+    before = {k: dict(v) for k, v in MEASURED.items()}
+    assert load_measured(str(path))["cpu-test"] == {"grouped": 2.0, "loop": 3.0}
+    assert {k: dict(v) for k, v in MEASURED.items()} == before  # a new table; the built-in stays
 
 
 def test_error_record_keeps_type_message_and_the_traceback_tail(suite):

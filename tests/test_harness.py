@@ -240,7 +240,7 @@ def test_interrupting_a_batch_says_the_batch_in_flight_was_lost(tmp_path, monkey
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("prewarm_gpu.batched.train_batched", interrupt)
+    monkeypatch.setattr("prewarm_gpu.training.loop.train_batched", interrupt)
     with pytest.raises(experiment.SweepInterrupted) as e:
         run_sweep(tiny(tmp_path))
     msg = str(e.value)

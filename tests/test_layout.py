@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from prewarm_gpu import checks
-from prewarm_gpu.batched import GroupedSimpleCNN
 from prewarm_gpu.layers import find_conv
 from prewarm_gpu.models import DSSimpleCNN, SimpleCNN
+from prewarm_gpu.training.grouped import GroupedSimpleCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = {"kaiming", "prewarm", "lsuv", "datadep", "lion_dg", "lsuv_lion_dg", "gabor",
@@ -130,7 +130,8 @@ def test_one_conv_finder():
 
 
 def test_simplecnn_forward_is_shared_by_its_variants(monkeypatch):
-    from prewarm_gpu import batched, models
+    from prewarm_gpu import models
+    from prewarm_gpu.training import grouped
 
     calls = []
 
@@ -147,6 +148,6 @@ def test_simplecnn_forward_is_shared_by_its_variants(monkeypatch):
     stacked = GroupedSimpleCNN([plain, plain]).eval()
     torch.testing.assert_close(stacked(torch.cat([x, x], 1))[1], plain(x), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(models, "conv_blocks", counted)  # the one definition, seen by all three
-    monkeypatch.setattr(batched, "conv_blocks", counted)
+    monkeypatch.setattr(grouped, "conv_blocks", counted)
     plain(x), deep(x), stacked(torch.cat([x, x], 1))
     assert calls == ["SimpleCNN", "DSSimpleCNN", "GroupedSimpleCNN"]

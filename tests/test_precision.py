@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 from prewarm_gpu import precision as P
-from prewarm_gpu.batched import train_batched
 from prewarm_gpu.experiment import SweepConfig, build_arm, plan_runs
 from prewarm_gpu.methods.datadep import datadep_
 from prewarm_gpu.methods.lsuv import lsuv_
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.train import TrainConfig, evaluate
+from prewarm_gpu.train import TrainConfig, evaluate, train_batched
 
 BACKENDS = ["grouped", "vmap", "loop"]
 

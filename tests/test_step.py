@@ -1,4 +1,4 @@
-"""The training step as a pure function of device tensors (prewarm_gpu.step): the same bits as a
+"""The training step as a pure function of device tensors (training.step): the same bits as a
 loop over CosineAnnealingLR, no host sync, traceable whole by TorchDynamo (the CPU's proof of
 capture-safety), and CUDA-graph capture with an eager fallback."""
 
@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 
-from prewarm_gpu.batched import _autocast, _choose, train_batched
 from prewarm_gpu.counters import count_dispatch
 from prewarm_gpu.models import SimpleCNN
-from prewarm_gpu.step import GraphedStep, TrainStep, lr_table, make_runner
-from prewarm_gpu.train import TrainConfig, cosine_lr
+from prewarm_gpu.precision import forward_autocast
+from prewarm_gpu.train import TrainConfig, cosine_lr, train_batched
+from prewarm_gpu.training.backends import make_stack
+from prewarm_gpu.training.step import GraphedStep, TrainStep, lr_table, make_runner
 
 BACKENDS = ["loop", "grouped", "vmap", "bmm"]
 
@@ -28,8 +29,8 @@ def _models(n, size=8):
 
 
 def _step(digits, backend, cfg, runs=2):
-    stack = _choose(backend, _models(runs), digits.device, False, (8, 8))
-    return TrainStep(stack, digits, cfg, runs, lambda: _autocast("fp32", digits.device),
+    stack = make_stack(backend, _models(runs), digits.device, False, (8, 8))
+    return TrainStep(stack, digits, cfg, runs, lambda: forward_autocast("fp32", digits.device),
                      capturable=False)
 
 
@@ -196,3 +197,17 @@ def test_compile_puts_the_steps_forward_through_torch_compile(digits, one_thread
     rb = train_batched(b, digits, cfg, seeds=[0, 1], backend="grouped")
     assert seen == [{"dynamic": False}]
     assert [r.loss for r in ra] == [r.loss for r in rb]
+
+
+def test_count_dispatch_patches_torch_tensor_only_inside_its_block():
+    names = ("tolist", "numpy", "cpu")
+    before = {n: torch.Tensor.__dict__.get(n) for n in names}
+    with count_dispatch() as outer:
+        torch.ones(2).tolist()
+        with count_dispatch() as inner:
+            torch.ones(2).cpu()
+    assert outer.syncs["Tensor.tolist"] == 1 and outer.syncs["Tensor.cpu"] == 1
+    assert inner.syncs["Tensor.cpu"] == 1 and inner.syncs["Tensor.tolist"] == 0
+    with pytest.raises(KeyError), count_dispatch():
+        raise KeyError("inside")
+    assert {n: torch.Tensor.__dict__.get(n) for n in names} == before

@@ -94,7 +94,7 @@ def test_nan_loss_marks_the_run_failed_at_that_step(digits):
 def test_aux_logits_add_weighted_cross_entropy_to_the_objective_not_the_curve(digits):
     # Zero aux logits have CE = ln 10 each: the objective is main + 0.3 · 2 · ln 10, while the
     # logged curve (and steps to target) is the main head's loss alone.
-    from prewarm_gpu.batched import _loss
+    from prewarm_gpu.training.stacks import run_loss
 
     class WithAux(Linear):
         def forward(self, x):
@@ -113,7 +113,7 @@ def test_aux_logits_add_weighted_cross_entropy_to_the_objective_not_the_curve(di
     aux.load_state_dict(plain.state_dict())
     x = digits.standardise(digits.train_x[:64])
     y = digits.train_y[:64]
-    total, main = _loss(aux.train(), x, y, 0.3)
+    total, main = run_loss(aux.train(), x, y, 0.3)
     torch.testing.assert_close(total - main, torch.tensor(0.3 * 2 * math.log(10)), rtol=0,
                                atol=1e-5)
     torch.testing.assert_close(losses(aux), losses(plain), rtol=0, atol=1e-6)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from ..checks import is_real
-from ..protocol import TrainConfig
 from ..stats import holm, min_detectable_delta, paired_stats
+from ..training.protocol import TrainConfig
 from .jsonable import jsonable
 from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs, rule_of, rule_text
 from .plots import import_pyplot, plot_grid

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from .. import registry
-from ..checkpoint import parse_every
 from ..checks import is_int, is_real
 from ..data import DATASETS
 from ..models import BASELINES, MODELS, build_model
-from ..protocol import TrainConfig
-from ..step import GRAPHS
+from ..training.checkpoint import parse_every
+from ..training.protocol import TrainConfig
+from ..training.step import GRAPHS
 from .jsonable import jsonable
 
 SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3

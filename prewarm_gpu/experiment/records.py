@@ -26,7 +26,7 @@ from torch import nn
 from .jsonable import jsonable
 
 if TYPE_CHECKING:
-    from ..protocol import TrainResult
+    from ..training.protocol import TrainResult
     from .plan import RunSpec
 
 RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"

@@ -21,8 +21,8 @@ import torch
 from .. import rules
 from ..data import DATASETS, DatasetInvalidError, ImageData, load_dataset
 from ..models import fc_dim
-from ..protocol import steps_to_target
 from ..stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
+from ..training.protocol import steps_to_target
 from .jsonable import jsonable
 from .plan import (
     BASELINE,

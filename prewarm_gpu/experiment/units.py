@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpointer, parse_every
 from ..data import ImageData
 from ..train import TrainResult, train
+from ..training.checkpoint import Checkpointer, parse_every
 from .arms import build_arm
 from .plan import RunSpec, SweepConfig
 from .records import CHECKPOINTS, make_record, model_path, save_model
@@ -134,7 +134,7 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
     the batched training raises one of :data:`TRAIN_ERRORS`, every run of the batch is recorded as
     failed with the error (the sweep goes on). Other exceptions propagate. With ``checkpoint``,
     the batch is checkpointed as it trains and continues from a checkpoint found."""
-    from ..batched import train_batched
+    from ..training.loop import train_batched
 
     records: dict[str, dict[str, Any]] = {}
     built = []

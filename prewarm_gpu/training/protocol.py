@@ -3,8 +3,8 @@
 `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` - Martinsn
 (2026). :class:`TrainConfig` (Adam, batch 256, cross-entropy, cosine schedule from η_start to
 η_end over T steps, N steps run), :class:`TrainResult`, the closed-form schedule, the curve points
-and "steps to target". The trainer (:mod:`prewarm_gpu.batched`, :mod:`prewarm_gpu.step`) and the
-harness import them from here; :mod:`prewarm_gpu.train` re-exports them.
+and "steps to target". The trainer (:mod:`prewarm_gpu.training`) and the harness import them
+from here; :mod:`prewarm_gpu.train` re-exports them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checks import is_int
+from ..checks import is_int
 
 __all__ = ["TrainConfig", "TrainResult", "cosine_lr", "curve_steps", "steps_to_target"]
 

@@ -1,8 +1,9 @@
 """R SimpleCNNs as batched matrix products: the run axis is the batch axis of every product.
 
-The ``bmm`` training backend (:mod:`prewarm_gpu.batched`). Grouped convolutions with 32–64
-channels per group use a GPU's tensor cores poorly (``../shared/notes/gpu-facts.md``); here each
-convolution is its patches times the run's filters, one ``torch.baddbmm`` for all runs:
+The ``bmm`` training backend's network (its stack: :mod:`prewarm_gpu.training.stacks`). Grouped
+convolutions with 32–64 channels per group use a GPU's tensor cores poorly
+(``../shared/notes/gpu-facts.md``); here each convolution is its patches times the run's filters,
+one ``torch.baddbmm`` for all runs:
 
 .. math::
     Y_r = X_r^{\\text{taps}}\\, W_r^\\top + b_r, \\qquad
