@@ -20,7 +20,7 @@ from prewarm_gpu.methods.lsuv import lsuv_
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import TrainConfig, evaluate, train_batched
 
-BACKENDS = ["grouped", "vmap", "loop"]
+BACKENDS = ["grouped", "vmap", "loop", "bmm"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,18 +71,24 @@ def restore_flags():
 
 
 class _Probe:
-    """Records :func:`float32_state` from inside every ``Conv2d`` call (all backends run their
-    convolutions through ``Conv2d._conv_forward``, vmap's ``functional_call`` included)."""
+    """Records :func:`float32_state` from inside every ``Conv2d`` call (the grouped, vmap and loop
+    backends run their convolutions through ``Conv2d._conv_forward``, vmap's ``functional_call``
+    included) and every ``torch.baddbmm`` (the bmm backend's layers are batched products)."""
 
     def __init__(self, monkeypatch):
         self.seen: list[dict[str, object]] = []
-        original = nn.Conv2d._conv_forward
+        original, baddbmm = nn.Conv2d._conv_forward, torch.baddbmm
 
         def conv_forward(conv, x, weight, bias):
             self.seen.append(P.float32_state())
             return original(conv, x, weight, bias)
 
+        def seen_baddbmm(*args, **kwargs):
+            self.seen.append(P.float32_state())
+            return baddbmm(*args, **kwargs)
+
         monkeypatch.setattr(nn.Conv2d, "_conv_forward", conv_forward)
+        monkeypatch.setattr(torch, "baddbmm", seen_baddbmm)
 
 
 def _expected(mode: str) -> dict[str, object]:
@@ -96,7 +102,7 @@ def _expected(mode: str) -> dict[str, object]:
 
 
 def _assert_seen(seen: list[dict[str, object]], mode: str) -> None:
-    assert seen, "no convolution ran"
+    assert seen, "no convolution or batched product ran"
     want = _expected(mode)
     for state in seen:
         assert {k: state[k] for k in want} == want

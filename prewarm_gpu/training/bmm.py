@@ -88,18 +88,24 @@ class BmmSimpleCNN(nn.Module):
         self.fc2_b = nn.Parameter(torch.stack([m.fc2.bias.detach() for m in models]))
 
     def _bn(self, y: torch.Tensor, i: int) -> torch.Tensor:
-        """Per-run BatchNorm of y (R, N, C) over N; updates the running buffers in train mode."""
+        """Per-run BatchNorm of y (R, N, C) over N; updates the running buffers in train mode.
+
+        Computed in the buffers' dtype and returned in y's, as ``nn.BatchNorm2d`` does under bf16
+        autocast (statistics, parameters and buffers stay float32); in fp32 and fp64 both casts
+        are no-ops."""
         w, b = getattr(self, f"bn{i}_w")[:, None], getattr(self, f"bn{i}_b")[:, None]
         mean_buf, var_buf = getattr(self, f"bn{i}_mean"), getattr(self, f"bn{i}_var")
+        x = y.to(torch.promote_types(y.dtype, mean_buf.dtype))
         if not self.training:
-            return (y - mean_buf[:, None]) * torch.rsqrt(var_buf[:, None] + self.eps) * w + b
-        var, mean = torch.var_mean(y, dim=1, unbiased=False, keepdim=True)
+            out = (x - mean_buf[:, None]) * torch.rsqrt(var_buf[:, None] + self.eps) * w + b
+            return out.to(y.dtype)
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
         with torch.no_grad():
-            n = y.shape[1]
+            n = x.shape[1]
             mean_buf.lerp_(mean[:, 0], self.momentum)
             var_buf.lerp_(var[:, 0] * (n / max(n - 1, 1)), self.momentum)
             getattr(self, f"bn{i}_count").add_(1)
-        return (y - mean) * torch.rsqrt(var + self.eps) * w + b
+        return ((x - mean) * torch.rsqrt(var + self.eps) * w + b).to(y.dtype)
 
     def _block(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """pool(relu(bn(conv(x)))) on (R, B, H, W, C) channels-last."""
