@@ -127,7 +127,14 @@ def parse_init_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments ``reproduce`` and ``grid`` share (the sweep engine's)."""
+    """The arguments ``reproduce`` and ``grid`` share (the sweep engine's), in ``--help``'s
+    order: how each run trains, then how the sweep runs."""
+    _training_arguments(p)
+    _sweep_run_arguments(p)
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    """Seeds, protocol, device and trainer: what each run of the sweep trains with."""
     p.add_argument("--seeds", nargs="+", type=_seed, default=None, metavar="S",
                    help="default: the paper's 42 7 13 99 2025 1 8 21 (each in [0, 2**64 - 1])")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="(256, §3.3)")
@@ -166,6 +173,10 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint the runs in training every N steps, M minutes or S seconds "
                    "(default 10m; 0: never), in <out>/checkpoints; --resume continues an "
                    "interrupted run from its last checkpoint")
+
+
+def _sweep_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Resume, reports, data, progress, executor, schedule and rule source: how the sweep runs."""
     p.add_argument("--resume", action="store_true",
                    help="complete the sweep in --out: run only the runs missing from "
                    "results.jsonl, continuing interrupted ones from their checkpoints")
