@@ -15,7 +15,8 @@ not a bank, an unavailable device, results
 already in ``--out`` without ``--resume``, ``--resume`` with nothing to resume, or ``--out`` in
 use by another sweep; 3 an internal error (a bug: its traceback is printed; finished runs are
 kept); 4 ``--out`` not writable or full (before training: nothing trained; later: every record
-written before is intact); 130 interrupted (the message says which runs were kept).
+written before is intact); 5 every worker of ``--executor ray`` died for good (finished runs
+are kept); 130 interrupted (the message says which runs were kept).
 """
 
 from __future__ import annotations
