@@ -132,19 +132,19 @@ class RayExecutor:
         device = "cuda" if gpu else job.device
         self.actors = [worker.remote(device, None if gpu else 1) for _ in range(n)]
         try:
-            self.data_dirs = _data_dirs(job, datasets)
-            self._check_workers()
+            self._check_workers(datasets)
         except BaseException:
             self.close()
             raise
         log(f"ray: {len(self.actors)} worker(s), one per {kind} (pids "
             f"{' '.join(map(str, self.worker_pids))})")
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, datasets: Sequence[str]) -> None:
         """Keep the workers that start within :data:`READY_TIMEOUT` s (an actor waits for a
         {C,G}PU another job holds); each must run this package's version and commit and see every
         dataset where the driver found it. Else :class:`ExecutorUnavailableError`."""
         ray = self.ray
+        self.data_dirs = _data_dirs(self.job, datasets)
         dirs = {ds: None if d is None else str(d) for ds, d in self.data_dirs.items()}
         asked = {a.describe.remote(dirs): a for a in self.actors}
         ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=READY_TIMEOUT)
