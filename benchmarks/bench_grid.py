@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from prewarm_gpu.data import load_dataset
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import engine, units
 from prewarm_gpu.experiment.grid import GridConfig, prepare_grid, run_grid
 
 MODES = {  # name: the GridConfig fields that make it
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = "GPU" if torch.device(args.device).type == "cuda" else "CPU"
         workers = int(ray.cluster_resources().get(kind, 0))
     data = load_dataset(args.dataset, device=args.device)
-    engine.load_dataset = lambda name, **k: data  # load once; the local modes read one copy
+    units.load_dataset = lambda name, **k: data  # load once; the local modes read one copy
     reps = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.reps):

@@ -397,7 +397,7 @@ def _smoke_train(data, backend: str, precision: str, steps: int = 3) -> dict:
 _KILL_AT = """
 import sys
 from prewarm_gpu import cli
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import engine
 
 class Bar:  # interrupts the sweep (as Ctrl-C would) once `at` run-steps are reported
     n = 0

@@ -1,4 +1,6 @@
+import contextlib
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,8 +27,8 @@ def digits_images() -> torch.Tensor:
 
 
 def interrupt_after(n: int):
-    """An ``after_run`` hook that raises KeyboardInterrupt once ``n`` runs are recorded (as a
-    Ctrl-C between two runs would); its ``seen`` lists the records."""
+    """A hook for :func:`after_each_run` that raises KeyboardInterrupt once ``n`` runs are
+    recorded (as a Ctrl-C between two runs would); its ``seen`` lists the records."""
     def hook(rec):
         hook.seen.append(rec)
         if len(hook.seen) == n:
@@ -34,6 +36,38 @@ def interrupt_after(n: int):
 
     hook.seen = []
     return hook
+
+
+@contextlib.contextmanager
+def after_each_run(hook):
+    """Call ``hook(record)`` each time the sweep engine has recorded a run (appended to
+    ``results.jsonl``), in the driver, before the next run is recorded or started."""
+    from prewarm_gpu.experiment import engine
+
+    real = engine.record_run
+
+    def record(path, spec, rec, *args, **kwargs):
+        real(path, spec, rec, *args, **kwargs)
+        hook(rec)
+
+    with mock.patch.object(engine, "record_run", record):
+        yield
+
+
+def run_sweep(config, *, log=None, after_run=None) -> str:
+    """``reproduce``'s tables, with ``after_run`` (see :func:`after_each_run`) if given."""
+    from prewarm_gpu.experiment import reproduce
+
+    with after_each_run(after_run or (lambda rec: None)):
+        return reproduce(config, log=log).table
+
+
+def run_grid(config, *, log=None, after_run=None):
+    """``grid``'s outcome, with ``after_run`` (see :func:`after_each_run`) if given."""
+    from prewarm_gpu.experiment import grid
+
+    with after_each_run(after_run or (lambda rec: None)):
+        return grid.run_grid(config, log=log)
 
 
 @pytest.fixture

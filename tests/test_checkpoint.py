@@ -8,12 +8,12 @@ import torch
 
 from prewarm_gpu import experiment
 from prewarm_gpu.counters import count_dispatch
-from prewarm_gpu.experiment import SweepConfig, read_results, run_sweep, units
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import SweepConfig, engine, read_results, units
 from prewarm_gpu.methods.lion_dg import DSSimpleCNN
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.train import MEASURED, TrainConfig, choose_backend, train, train_batched
 from prewarm_gpu.training.checkpoint import Checkpointer, parse_every
+from tests.conftest import run_sweep
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def test_the_harness_single_run_trains_in_the_recorded_precision(digits, tmp_pat
         seen.append(k["precision"])
         return real(*a, **k)
 
-    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(units, "load_dataset", lambda *a, **k: digits)
     monkeypatch.setattr(units, "train", spy)
     run_sweep(SweepConfig(seeds=[1], out=tmp_path, steps=4, eval_points=1, loss_points=2,
                           batch=False, precision="bf16", progress=False))
@@ -230,7 +230,7 @@ class _KillingBar:
 @pytest.mark.parametrize("batch", [True, False])
 def test_an_interrupted_sweep_resumes_from_checkpoints_to_the_same_records(
         digits, tmp_path, monkeypatch, batch):
-    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(units, "load_dataset", lambda *a, **k: digits)
     run_sweep(_sweep(tmp_path / "ref", batch=batch))
     ref = {r["key"]: r for r in read_results(tmp_path / "ref" / "results.jsonl")}
 

@@ -181,12 +181,12 @@ def test_resume_of_a_new_folder_is_exit_2(tmp_path, capsys):
 
 
 def test_an_internal_error_keeps_its_traceback_and_exits_3(tmp_path, capsys, monkeypatch):
-    from prewarm_gpu import experiment
+    from prewarm_gpu.experiment import engine
 
     def bug(*a, **k):
         return {}["no such key"]
 
-    monkeypatch.setattr(experiment, "reproduce", bug)
+    monkeypatch.setattr(engine, "execute", bug)
     code = cli.main(["reproduce", "--out", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert code == 3 and "Traceback (most recent call last)" in err
@@ -372,7 +372,7 @@ def test_a_folder_another_live_sweep_holds_names_its_pid_not_nothing_to_resume(t
                                                                               resume):
     out = tmp_path / "o"
     out.mkdir()
-    holder = ("import sys; from pathlib import Path; from prewarm_gpu.experiment.run import "
+    holder = ("import sys; from pathlib import Path; from prewarm_gpu.experiment.folder import "
               "sweep_lock\nwith sweep_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
               "    sys.stdin.read()")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,8 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from prewarm_gpu import cli
-from prewarm_gpu.experiment import read_results, units
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import engine, read_results, units
 from prewarm_gpu.experiment.grid import (
     LOSS_WINDOW,
     GridConfig,
@@ -20,9 +19,8 @@ from prewarm_gpu.experiment.grid import (
     loss_at_end,
     plan_grid,
     prepare_grid,
-    run_grid,
 )
-from tests.conftest import interrupt_after
+from tests.conftest import interrupt_after, run_grid
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +30,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(autouse=True)
 def cached_digits(monkeypatch, digits):
-    monkeypatch.setattr(engine, "load_dataset", lambda name, **k: digits)
+    monkeypatch.setattr(units, "load_dataset", lambda name, **k: digits)
 
 
 def small(out: Path, **kw) -> GridConfig:

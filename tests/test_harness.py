@@ -16,10 +16,10 @@ from prewarm_gpu.experiment import (
     plan_runs,
     read_results,
     run_one,
-    run_sweep,
+    units,
 )
-from prewarm_gpu.experiment import run as engine
 from prewarm_gpu.experiment.jsonable import jsonable
+from tests.conftest import run_sweep
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def cached_digits(monkeypatch, digits):
         assert name == "digits"
         return digits
 
-    monkeypatch.setattr(engine, "load_dataset", load)
+    monkeypatch.setattr(units, "load_dataset", load)
 
 
 def tiny(out: Path, **kw) -> SweepConfig:

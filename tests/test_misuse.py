@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prewarm_gpu import MiniBatchKMeans, experiment, kmeans_ops, patches, prewarm_
-from prewarm_gpu.experiment import SweepConfig, read_results, records, run_sweep, units
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import SweepConfig, folder, read_results, records, units
+from tests.conftest import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def test_a_read_only_out_fails_before_training(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(engine.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(folder.tempfile, "NamedTemporaryFile", refuse)
     trained = []
     monkeypatch.setattr(units, "run_batch", lambda *a, **k: trained.append(1))
     with pytest.raises(experiment.ResultsWriteError, match="not writable .*nothing was trained"):
@@ -208,7 +208,7 @@ def test_a_read_only_out_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: os.statvfs_result if False else
+    monkeypatch.setattr(folder.shutil, "disk_usage", lambda p: os.statvfs_result if False else
                         type("U", (), {"free": 1 << 20})())
     with pytest.raises(experiment.ResultsWriteError, match="only 1 MiB free"):
         run_sweep(SweepConfig(out=tmp_path, steps=2, progress=False))
@@ -233,7 +233,7 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
 def test_the_cli_exits_4_when_out_is_not_writable(tmp_path, monkeypatch, capsys):
     from prewarm_gpu import cli
 
-    monkeypatch.setattr(engine.tempfile, "NamedTemporaryFile",
+    monkeypatch.setattr(folder.tempfile, "NamedTemporaryFile",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     code = cli.main(["reproduce", "--out", str(tmp_path / "o"), "--steps", "2", "--no-progress"])
     err = capsys.readouterr().err.strip()
@@ -318,7 +318,7 @@ def test_meta_tensors_are_a_value_error(digits_images):
 
 
 def test_an_incomplete_ok_record_is_not_counted_as_done(tmp_path, digits, monkeypatch):
-    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: digits)
+    monkeypatch.setattr(units, "load_dataset", lambda *a, **k: digits)
     cfg = SweepConfig(seeds=[1], out=tmp_path, steps=2, eval_points=1, loss_points=1,
                       progress=False)
     key = experiment.plan_runs(cfg)[0].key

@@ -11,12 +11,12 @@ from scipy import stats as sps
 
 from prewarm_gpu import cli, rules
 from prewarm_gpu.data import load_dataset
-from prewarm_gpu.experiment import RunSpec, SweepConfig, plan_runs, read_results, run_sweep
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import RunSpec, SweepConfig, engine, plan_runs, read_results, units
+from prewarm_gpu.experiment.datarule import dataset_rule
 from prewarm_gpu.experiment.grid import GridConfig, render_grid, summarise_grid
 from prewarm_gpu.experiment.pool import PoolError, pool
-from prewarm_gpu.experiment.report import dataset_rule
 from prewarm_gpu.train import TrainConfig, cosine_lr, train
+from tests.conftest import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def synthetic(monkeypatch):
     n = data.train_x.shape[0]
     data.train_x = _striped(n, 0)
     data.__dict__.pop("fingerprint", None)
-    monkeypatch.setattr(engine, "load_dataset", lambda name, **k: data)
+    monkeypatch.setattr(units, "load_dataset", lambda name, **k: data)
     return data
 
 

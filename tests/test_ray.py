@@ -18,15 +18,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from prewarm_gpu import cli  # noqa: E402
-from prewarm_gpu.experiment import (  # noqa: E402
-    SweepConfig,
-    ray_executor,  # noqa: E402
-    read_results,
-    reproduce,
-)
-from prewarm_gpu.experiment.grid import GridConfig, run_grid  # noqa: E402
-from prewarm_gpu.experiment.run import SweepInterrupted  # noqa: E402
-from tests.conftest import interrupt_after  # noqa: E402
+from prewarm_gpu.experiment import SweepConfig, engine, read_results, reproduce  # noqa: E402
+from prewarm_gpu.experiment.errors import SweepInterrupted  # noqa: E402
+from prewarm_gpu.experiment.executors import ray as ray_executor  # noqa: E402
+from prewarm_gpu.experiment.grid import GridConfig  # noqa: E402
+from tests.conftest import interrupt_after, run_grid  # noqa: E402
 from tests.test_data import write_mnist  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -233,12 +229,10 @@ def test_ray_address_from_the_environment_is_checked_too(tmp_path, monkeypatch, 
 
 
 def test_every_worker_lost_is_exit_5(tmp_path, monkeypatch, capsys):
-    from prewarm_gpu.experiment import grid
-
     def lost(*a, **k):
         raise ray_executor.WorkersLostError("every Ray worker has died for good. 3 of 6 runs …")
 
-    monkeypatch.setattr(grid, "run_grid", lost)
+    monkeypatch.setattr(engine, "execute", lost)
     code = cli.main(["grid", "--dataset", "digits", "--n-patches", "10", "--patch-size", "3",
                      "--n-clusters", "16", "--scale", "0.2", "--seeds", "1", "--steps", "50",
                      "--no-progress", "--out", str(tmp_path / "lost")])

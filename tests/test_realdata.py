@@ -11,10 +11,10 @@ import torch
 
 from prewarm_gpu import data as D
 from prewarm_gpu.data.files import SYSTEM_DATA_DIR
-from prewarm_gpu.experiment import SweepConfig, run_sweep
-from prewarm_gpu.experiment import run as engine
+from prewarm_gpu.experiment import SweepConfig, engine, units
 from prewarm_gpu.experiment.plan import plan_runs
 from prewarm_gpu.experiment.report import stats_row
+from tests.conftest import run_sweep
 
 FASHION = SYSTEM_DATA_DIR / "fashion-mnist"
 
@@ -51,7 +51,7 @@ def test_stats_give_table_1s_row_exactly(fashion, monkeypatch, capsys):
 def test_a_short_paired_training_on_the_real_data_learns(fashion, tmp_path, monkeypatch,
                                                           one_thread):
 
-    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: fashion)
+    monkeypatch.setattr(units, "load_dataset", lambda *a, **k: fashion)
     config = SweepConfig(datasets=["fashion-mnist"], seeds=[42], out=tmp_path, steps=200,
                          eval_points=1, loss_points=4, progress=False, data_dir=FASHION)
     run_sweep(config, log=lambda s: None)
@@ -63,7 +63,7 @@ def test_a_short_paired_training_on_the_real_data_learns(fashion, tmp_path, monk
 
 def test_every_prewarm_arm_of_a_fashion_mnist_sweep_gets_table_1s_22(fashion, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr(engine, "load_dataset", lambda *a, **k: fashion)
+    monkeypatch.setattr(units, "load_dataset", lambda *a, **k: fashion)
     # the committed run's protocol (--no-batch: the single-run trainer, channels_last)
     config, specs = engine.prepare(SweepConfig(datasets=["fashion-mnist"], out=tmp_path,
                                                data_dir=FASHION, progress=False, batch=False),

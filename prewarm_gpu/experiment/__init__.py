@@ -3,11 +3,15 @@
 
 Where each job lives — open the file named for what you are looking for:
 
-- :mod:`.plan`: the configuration, arms and runs (:class:`SweepConfig`, :class:`RunSpec`).
+- :mod:`.plan`: the configuration, arms and runs (:class:`SweepConfig`, :class:`RunSpec`);
+  :mod:`.datarule`: the statistic of Pre-Warm's n_patches rule over a dataset.
 - :mod:`.arms`: one arm built — the seed's base weights, then the initialiser with its generator.
-- :mod:`.run`: the engine — groups of runs trained stacked, checkpoints, the lock, interruption;
-  the local executor (:class:`~.run.LocalExecutor`, :func:`~.run.run_group`, the unit of work).
-- :mod:`.ray_executor`: the same groups on a Ray cluster (``--executor ray``; optional extra).
+- :mod:`.engine`: prepare and execute a sweep — groups of runs trained stacked, recorded as they
+  end; :mod:`.folder`: the output folder's lock and checks; :mod:`.interruption`: what an
+  interruption kept.
+- :mod:`.units`: the unit of work (:func:`~.units.run_group`) and the :class:`~.units.Job` it reads.
+- :mod:`.executors`: where groups train — :mod:`.executors.local` (this process) and
+  :mod:`.executors.ray` (a Ray cluster, ``--executor ray``; optional extra).
 - :mod:`.records`: the output folder's files — ``results.jsonl``, model files, atomic writes.
 - :mod:`.report`: Table 3's paired statistics and Table 1's data statistics.
 - :mod:`.plots`: filters, curves and grid heat maps (``--plot``).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from .arms import build_arm
 from .errors import NothingToResumeError, ResultsExistError, SweepInterrupted, SweepLockedError
+from .folder import sweep_lock
 from .plan import DEFAULT_ARCH, PROTOCOL, SEEDS, Arm, RunSpec, SweepConfig, plan_runs
 from .records import (
     RESULTS,
@@ -31,8 +36,7 @@ from .records import (
     repair_results,
 )
 from .report import Outcome, render_tables, summarise
-from .reproduce import prepare_sweep, reproduce, run_sweep
-from .run import sweep_lock
+from .reproduce import prepare_sweep, reproduce
 from .units import run_one
 
 __all__ = [
@@ -40,5 +44,5 @@ __all__ = [
     "RunSpec", "Outcome", "ResultsExistError", "NothingToResumeError", "ResultsWriteError",
     "SweepLockedError", "SweepInterrupted", "sweep_lock", "record_problem", "plan_runs",
     "build_arm", "run_one", "read_results", "append_result", "summarise", "render_tables",
-    "prepare_sweep", "run_sweep", "reproduce", "repair_results", "environment",
+    "prepare_sweep", "reproduce", "repair_results", "environment",
 ]

@@ -1,8 +1,9 @@
-"""The sweep engine's exceptions (the CLI maps each to its exit code: 2, 5, 130)."""
+"""The sweep engine's exceptions, its executors' included (the CLI maps each to its exit code:
+2, 5, 130)."""
 from __future__ import annotations
 
 __all__ = ["ResultsExistError", "NothingToResumeError", "SweepLockedError", "WorkersLost",
-           "SweepInterrupted"]
+           "SweepInterrupted", "ExecutorUnavailableError", "WorkersLostError"]
 
 
 class ResultsExistError(FileExistsError):
@@ -24,3 +25,12 @@ class WorkersLost(RuntimeError):
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C or a kill during a sweep; ``str()`` says exactly what was kept and what was lost."""
+
+
+class ExecutorUnavailableError(RuntimeError):
+    """``--executor ray`` could not start: the cluster is unreachable or lacks the device, or a
+    worker does not run the same code or see the data. Nothing was trained (exit 2)."""
+
+
+class WorkersLostError(WorkersLost):
+    """Every Ray worker died for good with groups left to run; finished runs are kept (exit 5)."""

@@ -8,8 +8,8 @@ only at n_clusters = 16 and patch_size = 3; along n_patches, at 25 and not at 20
 insensitive in [0.1, 0.25]; the Otsu rule (eq. 5) predicting 22.
 
 Every cell is one Pre-Warm arm (:class:`~.plan.Arm`) and one Kaiming run per seed is shared by all
-cells, so a grid is a :func:`~.plan.plan_runs` plan run by :func:`~.run.execute` — the same pairing,
-stacked training, results file, resume and progress bar as ``reproduce``.
+cells, so a grid is a :func:`~.plan.plan_runs` plan run by :func:`~.engine.execute` — the same
+pairing, stacked training, results file, resume and progress bar as ``reproduce``.
 
 The metric. Every run stores its training loss at every step (``loss_points = steps``), so any
 definition can be recomputed from ``results.jsonl``. The grid's "training loss at N steps" is
@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -39,12 +40,12 @@ import torch
 from ..checks import is_real
 from ..stats import holm, min_detectable_delta, paired_stats
 from ..training.protocol import TrainConfig
+from .engine import Outputs, execute, prepare
 from .jsonable import jsonable
 from .plan import BASELINE, Arm, RunSpec, SweepConfig, batchable, plan_runs, rule_of, rule_text
 from .plots import import_pyplot, plot_grid
 from .records import latest_by_key, write_atomic
-from .report import BASELINE_NAMES, Outcome, is_ok
-from .run import Outputs, execute, prepare
+from .report import Outcome, is_ok, protocol_text
 
 PAPER_GRID: dict[str, tuple] = {  # §4.3
     "patch_size": (3, 5),
@@ -260,7 +261,6 @@ def render_grid(summary: dict[str, Any]) -> str:
             f"{_f(r['prewarm_mean'])} ± {_f(r['prewarm_std'])} | {r['delta']:+.4f} | "
             f"[{_f(ci[0])}, {_f(ci[1])}] | {_p(r['p'])} | {_p(r['p_holm'])} | "
             f"{_p(r['wilcoxon_p'])} | {r['wins']}/{r['n']} | {_f(r.get('mdd80'))} |")
-    seeds = " ".join(map(str, summary["seeds"]))
     rule = summary["rule_n_patches"]
     how = (rule_text({**summary["rule"], "n_patches": rule}) if summary.get("rule")
            else f"the n_patches eq. 5/6 gives on this dataset ({rule})")
@@ -272,12 +272,8 @@ def render_grid(summary: dict[str, Any]) -> str:
                f"the {what.split(' (')[0]} at step {summary['steps']} of the {T}-step cosine "
                "schedule (stopped early; --schedule-steps)")
     parts = [*head, *rows, "",
-             f"{summary['dataset']}: {what}; {summary['steps']} steps, batch "
-             f"{summary['batch_size']}, lr {summary['lr'][0]:g}→{summary['lr'][1]:g}, "
-             f"{len(summary['seeds'])} seeds ({seeds}), {summary['precision']}, device "
-             f"{summary['device']}; \"Kaiming\" is the baseline {summary['baseline']} "
-             f"({BASELINE_NAMES[summary['baseline']]}), one run per seed shared by every cell. "
-             f"Reading: {reading}.",
+             f"{summary['dataset']}: {what}; {protocol_text(summary)}, one run per seed shared "
+             f"by every cell. Reading: {reading}.",
              "",
              "Kaiming, Pre-Warm: mean ± sample std over the seeds where both runs finished (n); "
              "Δ: mean paired difference of the metric, Pre-Warm − Kaiming; p: one-sided paired "
@@ -313,11 +309,15 @@ def _plot_end(config: GridConfig, specs, records) -> None:
     plot_grid(summarise_grid(config, specs, records), config.out)
 
 
-OUTPUTS = Outputs(write_grid, None, _plot_end)
+def grid_outputs(config: GridConfig, specs: list[RunSpec]) -> Outputs:
+    """``grid.json`` and ``grid.md``; with ``--plot``, the heat maps."""
+    return Outputs(partial(write_grid, config, specs), None,
+                   partial(_plot_end, config, specs) if config.plot else None)
 
 
 def prepare_grid(config: GridConfig) -> tuple[GridConfig, list[RunSpec]]:
-    """Every check that needs no training (:func:`.run.prepare`), then the group size."""
+    """Every check that needs no training (:func:`.engine.prepare`), then the group size and the
+    rule's n_patches ``grid.md`` marks (:func:`grid_rule`, unless given)."""
     if config.rule_source != "dataset":
         raise ValueError(f"--rule-source {config.rule_source!r}: every grid cell gives n_patches "
                          "(the --n-patches axis), so no run uses a rule; the row grid.md marks is "
@@ -325,24 +325,22 @@ def prepare_grid(config: GridConfig) -> tuple[GridConfig, list[RunSpec]]:
     config, specs = prepare(config, plan_grid, plot_check=import_pyplot)
     if config.group_size is None and config.batch and batchable(specs[0].arch):
         config = replace(config, group_size=auto_group_size(config, specs))
+    if config.rule_n_patches is None:
+        rule = grid_rule(config)
+        config = replace(config, rule_n_patches=rule["n_patches"],
+                         dataset_rules={**config.dataset_rules, config.datasets[0]: rule})
     return config, specs
 
 
-def run_grid(config: GridConfig, *, log: Callable[[str], None] | None = None,
-             after_run: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+def run_grid(config: GridConfig, *, log: Callable[[str], None] | None = None) -> Outcome:
     """Run every missing run of the grid, writing results as they finish; the grid's table.
     Raises what :func:`.reproduce.reproduce` raises."""
     config, specs = prepare_grid(config)
-    if config.rule_n_patches is None:
-        ds = config.datasets[0]
-        rule = grid_rule(config)
-        config = replace(config, rule_n_patches=rule["n_patches"],
-                         dataset_rules={**config.dataset_rules, ds: rule})
-    return execute(config, specs, OUTPUTS, log=log, after_run=after_run)
+    return execute(config, specs, grid_outputs(config, specs), log=log)
 
 
 def grid_rule(config: GridConfig) -> dict[str, Any]:
-    """The paper's rule on the grid's dataset (:func:`.report.dataset_rule`: eq. 5 from the Otsu
+    """The paper's rule on the grid's dataset (:func:`.datarule.dataset_rule`: eq. 5 from the Otsu
     density of the whole training split, eq. 6 for colour) with its ``n_patches`` for the
     default Pre-Warm arm's F (SimpleCNN: 32), the value ``grid.md`` marks."""
     _, rule = rule_of(config, config.datasets[0], Arm(METHOD))

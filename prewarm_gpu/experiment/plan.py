@@ -24,6 +24,7 @@ from ..models import BASELINES, MODELS, build_model
 from ..training.checkpoint import parse_every
 from ..training.protocol import TrainConfig
 from ..training.step import GRAPHS
+from .datarule import dataset_rule
 from .jsonable import jsonable
 
 SEEDS = (42, 7, 13, 99, 2025, 1, 8, 21)  # §3.3
@@ -70,8 +71,8 @@ class SweepConfig:
     channels_last: bool = True  # NHWC model, single-run trainer (both arms alike): ~30 % faster
     batch: bool = True  # train the runs of a dataset together as one stacked model (issue 5)
     precision: str = "fp32"  # fp32 (as the paper) | tf32 | bf16 (autocast; batched trainer)
-    backend: str = "auto"  # auto | grouped | vmap | loop | bmm (prewarm_gpu.batched)
-    graphs: str = "auto"  # the step as a CUDA graph: auto (on CUDA) | on | off (prewarm_gpu.step)
+    backend: str = "auto"  # auto | grouped | vmap | loop | bmm (prewarm_gpu.training.backends)
+    graphs: str = "auto"  # the step as a CUDA graph: auto (on CUDA) | on | off (training.step)
     compile: bool = False  # the step's forward through torch.compile (no faster on the CPU)
     baseline: str = "torch-default"  # models.BASELINES: every conv/linear re-drawn before both arms
     checkpoint_every: str | None = "10m"  # in-run checkpoints: steps ("500"), "10m", "90s"; None
@@ -82,7 +83,7 @@ class SweepConfig:
     schedule_steps: int | None = None  # T of the cosine schedule (None: steps); >= steps
     rule_source: str = "dataset"  # Pre-Warm's n_patches rule: dataset (§3.4) | batch (per seed)
     dataset_rules: dict[str, dict[str, Any]] = field(default_factory=dict)  # dataset → its rule
-    # (report.dataset_rule), filled by prepare when rule_source is "dataset"
+    # (datarule.dataset_rule), filled by prepare when rule_source is "dataset"
 
     def train_config(self, dataset: str) -> TrainConfig:
         """The protocol for ``dataset``: Table 1's N and learning rates unless overridden."""
@@ -216,9 +217,13 @@ def check_train_floats(tc: TrainConfig) -> None:
 def check_plan(config: SweepConfig, arms: list[Arm]) -> None:
     """Refuse a sweep that cannot run, before any training: unknown initialisers, options or
     models, bad seeds, a bad checkpoint interval or baseline, CUDA graphs off CUDA."""
-    for arm in arms:
-        registry.get(arm.init)  # KeyError listing the known names
-        registry.check_options(arm.init, dict(arm.options))
+    named = [Arm.of(i, config.init_options.get(i)) for i in config.inits]  # typos: now
+    checked: list[Arm] = []  # each (init, options) once; options may hold lists: no set
+    for arm in named + arms:
+        if arm not in checked:
+            registry.get(arm.init)  # KeyError listing the known names
+            registry.check_options(arm.init, dict(arm.options))
+            checked.append(arm)
     if config.graphs not in GRAPHS:
         raise ValueError(f"--graphs must be one of {GRAPHS}, got {config.graphs!r}")
     if config.graphs == "on" and torch.device(config.device).type != "cuda":
@@ -296,7 +301,7 @@ def rule_of(config: SweepConfig, dataset: str, arm: Arm) -> tuple[Arm, dict[str,
 
     With ``rule_source="dataset"`` (the paper's §3.4: n_patches "from dataset statistics", one
     value per dataset in Table 1) the statistic is the whole raw training split's
-    (``config.dataset_rules[dataset]``, filled by :func:`.run.prepare`; computed here when
+    (``config.dataset_rules[dataset]``, filled by :func:`.engine.prepare`; computed here when
     missing) and the value becomes an explicit option, so the run's key says it. With ``"batch"``
     the arm is unchanged: ``n_patches="auto"`` on each seed's first batch."""
     if not needs_rule(arm):
@@ -315,7 +320,6 @@ def rule_of(config: SweepConfig, dataset: str, arm: Arm) -> tuple[Arm, dict[str,
 
 def _load_rules(config: SweepConfig, datasets: list[str]) -> dict[str, dict[str, Any]]:
     from ..data import load_dataset
-    from .report import dataset_rule
 
     return {ds: dataset_rule(load_dataset(ds, data_dir=config.data_dir, download=config.download,
                                           device=config.device)) for ds in datasets}
@@ -325,9 +329,6 @@ def plan_runs(config: SweepConfig, arms: list[Arm] | None = None) -> list[RunSpe
     """Every run of the sweep, grouped by dataset then seed, Kaiming first within a seed — so an
     interrupted sweep leaves complete pairs. Kaiming runs once per (architecture, seed), shared by
     every arm on that architecture. ``arms``: default :func:`arms_of` (``reproduce``)."""
-    for init in config.inits:
-        registry.get(init)  # KeyError listing the known names
-        registry.check_options(init, config.init_options.get(init, {}))  # typos: now
     arms = arms_of(config) if arms is None else arms
     check_plan(config, arms)
     archs = list(dict.fromkeys(arch_of(a.init) for a in arms))

@@ -24,17 +24,15 @@ import torch
 from torch import nn
 
 from .jsonable import jsonable
+from .plan import BASELINE, DEFAULT_ARCH, RunSpec
 
 if TYPE_CHECKING:
     from ..training.protocol import TrainResult
-    from .plan import RunSpec
 
 RESULTS, SUMMARY, TABLE = "results.jsonl", "summary.json", "table.md"
 CHECKPOINTS = "checkpoints"  # in-run checkpoints, removed when their runs are recorded
 LOCK = ".lock"  # one writer per output folder
 MODELS_DIR = "models"
-DEFAULT_ARCH = "simplecnn"  # the paper's model; other architectures are named in files
-BASELINE = "kaiming"
 
 
 class ResultsWriteError(OSError):
@@ -292,3 +290,9 @@ def latest_by_key(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
     """Last record per key (a retried failed run supersedes the failure)."""
     return {r["key"]: r for r in records}
 
+
+
+def is_done(rec: dict[str, Any] | None, retry_failed: bool) -> bool:
+    """Whether a run's latest record means it need not run again: ok, or failed without
+    ``--retry-failed``."""
+    return rec is not None and (rec.get("status") == "ok" or not retry_failed)

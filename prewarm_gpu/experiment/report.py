@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import rules
-from ..data import DATASETS, DatasetInvalidError, ImageData, load_dataset
+from ..data import DATASETS, DatasetInvalidError, load_dataset
 from ..models import fc_dim
 from ..stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
 from ..training.protocol import steps_to_target
+from .datarule import rule_statistics
 from .jsonable import jsonable
 from .plan import (
     BASELINE,
@@ -110,12 +110,17 @@ def _schedule_text(p: dict[str, Any]) -> str:
             else f"accuracy at step {p['steps']} of the {t}-step cosine schedule (stopped early)")
 
 
-def _caption(title: str, p: dict[str, Any]) -> str:
+def protocol_text(p: dict[str, Any]) -> str:
+    """The protocol part of a table's caption (Table 3's and the grid's): steps, batch, learning
+    rates, seeds, precision, device and the baseline, from a summary's ``p``."""
     seeds = " ".join(map(str, p["seeds"]))
-    return (f"{title}: {p['steps']} steps, batch {p['batch_size']}, lr {p['lr'][0]:g}→"
-            f"{p['lr'][1]:g}, {len(p['seeds'])} seeds ({seeds}), {p['precision']}, device "
-            f"{p['device']}; \"Kaiming\" is the baseline {p['baseline']} "
-            f"({BASELINE_NAMES[p['baseline']]}); {_schedule_text(p)}"
+    return (f"{p['steps']} steps, batch {p['batch_size']}, lr {p['lr'][0]:g}→{p['lr'][1]:g}, "
+            f"{len(p['seeds'])} seeds ({seeds}), {p['precision']}, device {p['device']}; "
+            f"\"Kaiming\" is the baseline {p['baseline']} ({BASELINE_NAMES[p['baseline']]})")
+
+
+def _caption(title: str, p: dict[str, Any]) -> str:
+    return (f"{title}: {protocol_text(p)}; {_schedule_text(p)}"
             + (f"; Pre-Warm's {rule_text(p['rule'])}" if p.get("rule") else "") + ".")
 
 
@@ -233,43 +238,6 @@ def write_summary(config: SweepConfig, specs: Sequence[RunSpec], records, env) -
 
 
 # --- Table 1 -------------------------------------------------------------------------------------
-
-def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
-    return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
-
-
-def rule_statistics(data: ImageData, *, otsu: bool = True,
-                    patch_norm: bool = True) -> dict[str, float | None]:
-    """The statistics of Pre-Warm's rules over the whole raw training split, in chunks: Otsu τ*
-    and the foreground density d (eq. 4-5), and the mean 3×3 patch norm (eq. 6); a statistic not
-    asked for is None. Fashion-MNIST: τ* 0.3809, d 0.3602 (≈ 1 s on one CPU thread)."""
-    # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
-    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
-    tau = d = norm = None
-    if otsu:
-        tau = rules.otsu_threshold(chunks, nbins=256)
-        d = rules.foreground_density(chunks, threshold=tau)
-    if patch_norm:
-        norm = rules.mean_patch_norm(chunks, 3)
-    return {"otsu_tau": tau, "d": d, "mean_patch_norm": norm}
-
-
-def dataset_rule(data: ImageData) -> dict[str, Any]:
-    """The rule of §3.4 on ``data``'s whole training split: ``{"source": "dataset", "rule":
-    "otsu" | "patch_norm", "statistic": d or mean ‖p̃‖₂, "otsu_threshold": τ* or None}`` (eq. 5
-    for one channel, eq. 6 for more, as :func:`prewarm_gpu.prewarm_`'s ``n_patches="auto"``);
-    :func:`.plan.rule_n_patches` turns it into n_patches for a layer's F. Computed once per
-    loaded dataset (kept on the data object)."""
-    cached = data.__dict__.get("_dataset_rule")
-    if cached is None:
-        gray = data.spec.in_channels == 1
-        st = rule_statistics(data, otsu=gray, patch_norm=not gray)
-        cached = {"source": "dataset", "rule": "otsu" if gray else "patch_norm",
-                  "statistic": st["d"] if gray else st["mean_patch_norm"],
-                  "otsu_threshold": st["otsu_tau"]}
-        data.__dict__["_dataset_rule"] = cached
-    return dict(cached)
-
 
 def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
               n_filters: int = 32, log=None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """``prewarm-gpu reproduce``: Table 3 as a resumable sweep of datasets × seeds × inits, paired on
-Kaiming, on the sweep engine (:mod:`.run`).
+Kaiming, on the sweep engine (:mod:`.engine`).
 
 Output folder (``--out``): ``results.jsonl`` (:mod:`.records`), ``summary.json`` and ``table.md``
 (:mod:`.report`), ``models/<dataset>-<init>-<seed>.pt`` (``--save-models``),
@@ -8,24 +8,29 @@ Output folder (``--out``): ``results.jsonl`` (:mod:`.records`), ``summary.json``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
 
+from .engine import Outputs, execute, prepare
 from .plan import RunSpec, SweepConfig, plan_runs
 from .plots import import_pyplot, plot_curves, plot_filters
 from .report import Outcome, write_summary
-from .run import Outputs, execute, prepare
-
-OUTPUTS = Outputs(write_summary, plot_filters, plot_curves)
 
 
 def prepare_sweep(config: SweepConfig) -> tuple[SweepConfig, list[RunSpec]]:
-    """Every check that needs no training (:func:`.run.prepare`); the normalised config and its
-    runs."""
+    """Every check that needs no training (:func:`.engine.prepare`); the normalised config and
+    its runs."""
     return prepare(config, plan_runs, plot_check=import_pyplot)
 
 
-def reproduce(config: SweepConfig, *, log: Callable[[str], None] | None = None,
-              after_run: Callable[[dict[str, Any]], None] | None = None) -> Outcome:
+def sweep_outputs(config: SweepConfig, specs: list[RunSpec]) -> Outputs:
+    """``summary.json`` and ``table.md``; with ``--plot``, the filters and the curves."""
+    plot = config.plot
+    return Outputs(partial(write_summary, config, specs),
+                   partial(plot_filters, config, specs) if plot else None,
+                   partial(plot_curves, config, specs) if plot else None)
+
+
+def reproduce(config: SweepConfig, *, log: Callable[[str], None] | None = None) -> Outcome:
     """Run every missing run of the sweep, writing results as they finish.
 
     Raises:
@@ -39,10 +44,4 @@ def reproduce(config: SweepConfig, *, log: Callable[[str], None] | None = None,
         SweepInterrupted: Ctrl-C or SIGTERM (via the CLI); its message says what was kept.
     """
     config, specs = prepare_sweep(config)
-    return execute(config, specs, OUTPUTS, log=log, after_run=after_run)
-
-
-def run_sweep(config: SweepConfig, *, log: Callable[[str], None] | None = None,
-              after_run: Callable[[dict[str, Any]], None] | None = None) -> str:
-    """:func:`reproduce`, returning its tables."""
-    return reproduce(config, log=log, after_run=after_run).table
+    return execute(config, specs, sweep_outputs(config, specs), log=log)

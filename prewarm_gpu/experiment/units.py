@@ -1,8 +1,9 @@
 """The unit of work of a sweep: one group of runs built, trained together and recorded.
 
-An executor (the local one in :mod:`.run`, or :mod:`.ray_executor`) hands each group to
-:func:`run_group`: :func:`run_batch` trains several runs stacked
-(:func:`prewarm_gpu.batched.train_batched`), :func:`run_one` trains one; each gives the runs'
+An executor (:mod:`.executors.local` or :mod:`.executors.ray`) hands each group to
+:func:`run_group` with the sweep's :class:`Job` (what a unit of work reads, not the sweep's
+whole configuration): :func:`run_batch` trains several runs stacked
+(:func:`prewarm_gpu.training.loop.train_batched`), :func:`run_one` trains one; each gives the runs'
 ``results.jsonl`` records. A run's own failure (an initialiser's refusal, a NaN loss, an out-of-
 memory) is a failed record, never the sweep's end; anything else is a bug and propagates.
 """
@@ -16,15 +17,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import ImageData
+from ..data import ImageData, load_dataset
 from ..train import TrainResult, train
 from ..training.checkpoint import Checkpointer, parse_every
 from .arms import build_arm
-from .plan import RunSpec, SweepConfig
+from .plan import RunSpec
 from .records import CHECKPOINTS, make_record, model_path, save_model
 
-__all__ = ["run_group", "run_one", "run_batch", "CheckpointPolicy", "checkpoint_policy",
-           "checkpoint_name", "INIT_ERRORS", "TRAIN_ERRORS"]
+__all__ = ["Job", "load_data", "run_group", "run_one", "run_batch", "CheckpointPolicy",
+           "checkpoint_policy", "checkpoint_name", "INIT_ERRORS", "TRAIN_ERRORS"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the units of work and the executors read of a sweep, built once by
+    :func:`.engine.execute` from the sweep's configuration (each field is the
+    :class:`~.plan.SweepConfig` field of the same name); a Ray worker is sent this."""
+
+    out: Path  # the output folder: checkpoints and model files go under it
+    device: str = "cpu"
+    data_dir: Path | None = None
+    download: bool = False
+    backend: str = "auto"  # the stacked trainer's backend
+    graphs: str = "auto"  # the step as a CUDA graph
+    compile: bool = False
+    save_models: bool = False
+    checkpoint_every: str | None = "10m"  # --checkpoint-every (None or "0": never)
+    group_size: int | None = None  # most runs trained together (None: all of an architecture)
+
+
+def load_data(job: Job, ds: str) -> ImageData:
+    """Dataset ``ds`` on the job's device, from its ``data_dir`` (downloaded if it allows)."""
+    return load_dataset(ds, data_dir=job.data_dir, download=job.download, device=job.device)
 
 
 class _StepCounter:
@@ -59,7 +83,7 @@ def _failed(stage: str, e: BaseException) -> TrainResult:
 @dataclass
 class CheckpointPolicy:
     """Where one group of runs is checkpointed and how often (``--checkpoint-every``); ``active``
-    is the :class:`~prewarm_gpu.checkpoint.Checkpointer` of the training under way."""
+    is the :class:`~prewarm_gpu.training.checkpoint.Checkpointer` of the training under way."""
 
     path: Path
     every_steps: int | None = None
@@ -77,12 +101,12 @@ class CheckpointPolicy:
         Checkpointer(self.path, None).remove()
 
 
-def checkpoint_policy(config: SweepConfig, group: Sequence[RunSpec]) -> CheckpointPolicy | None:
+def checkpoint_policy(job: Job, group: Sequence[RunSpec]) -> CheckpointPolicy | None:
     """``<out>/checkpoints/<dataset>-<hash of the group's keys>.pt``, or None when disabled."""
-    every_steps, every_seconds = parse_every(config.checkpoint_every)
+    every_steps, every_seconds = parse_every(job.checkpoint_every)
     if every_steps is None and every_seconds is None:
         return None
-    return CheckpointPolicy(config.out / CHECKPOINTS / checkpoint_name(group), every_steps,
+    return CheckpointPolicy(job.out / CHECKPOINTS / checkpoint_name(group), every_steps,
                             every_seconds)
 
 
@@ -128,7 +152,7 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
               graphs: str = "auto", compile: bool = False, save_dir: Path | None = None,
               checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
     """Build and initialise every run of ``specs`` (one dataset, one architecture), train them
-    together with :func:`prewarm_gpu.batched.train_batched`; one record per spec, in order.
+    together with :func:`prewarm_gpu.training.loop.train_batched`; one record per spec, in order.
 
     A run whose initialisation raises one of :data:`INIT_ERRORS` is recorded as failed alone; if
     the batched training raises one of :data:`TRAIN_ERRORS`, every run of the batch is recorded as
@@ -169,21 +193,21 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
     return [records[s.key] for s in specs]
 
 
-def run_group(config: SweepConfig, group: Sequence[RunSpec], data: ImageData,
+def run_group(job: Job, group: Sequence[RunSpec], data: ImageData,
               progress: Callable[[int], None] | None = None,
               checkpoint: CheckpointPolicy | None = None) -> list[dict[str, Any]]:
     """Train one group of runs (the unit an executor runs: :func:`run_batch` for several, else
     :func:`run_one`); their records, in order, without the environment."""
     if len(group) > 1:
-        records = run_batch(group, data, progress=progress, backend=config.backend,
-                            graphs=config.graphs, compile=config.compile,
-                            save_dir=config.out if config.save_models else None,
+        records = run_batch(group, data, progress=progress, backend=job.backend,
+                            graphs=job.graphs, compile=job.compile,
+                            save_dir=job.out if job.save_models else None,
                             checkpoint=checkpoint)
     else:
         spec = group[0]
         records = [run_one(spec, data, progress=progress, checkpoint=checkpoint,
-                           graphs=config.graphs, compile=config.compile,
-                           save_to=model_path(config.out, spec) if config.save_models else None)]
+                           graphs=job.graphs, compile=job.compile,
+                           save_to=model_path(job.out, spec) if job.save_models else None)]
         records[0]["trainer"] = "single"
     for rec in records:  # which data the run saw, so two folders can be shown to share it
         rec["data_fingerprint"] = data.fingerprint

@@ -1,6 +1,6 @@
 """``--executor ray``: the sweep's groups of runs spread over every GPU (or CPU) of a Ray cluster.
 
-The engine (:func:`.run.execute`) is unchanged: it plans, groups, and alone writes
+The engine (:func:`..engine.execute`) is unchanged: it plans, groups, and alone writes
 ``results.jsonl`` as results stream back, so resume, torn-line handling and the tables work as
 with the local executor. Each group of stacked runs is one call on a worker; unless
 ``--group-size`` says otherwise, a dataset's runs are split into at least as many groups as there
@@ -38,19 +38,19 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__
-from ..data import DatasetNotFoundError, canonical_name, find_files, load_dataset, locate
-from .errors import WorkersLost
-from .plan import RunSpec, SweepConfig
-from .records import environment, git_commit
-from .units import checkpoint_policy, run_group
+from ... import __version__
+from ...data import DatasetNotFoundError, canonical_name, find_files, load_dataset, locate
+from ..errors import ExecutorUnavailableError, WorkersLostError
+from ..plan import RunSpec
+from ..records import environment, git_commit
+from ..units import Job, checkpoint_policy, run_group
 
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the call it was running
 READY_TIMEOUT = 120.0  # seconds for every worker to start and answer
@@ -82,13 +82,14 @@ class _Worker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
                 "commit": git_commit(), "missing": missing}
 
-    def run(self, config: SweepConfig, ds: str, group: list[RunSpec]) -> list[dict[str, Any]]:
-        """Train ``group`` (:func:`.run.run_group`); its records, with this worker's environment.
-        ``config``'s paths are absolute (the driver's), so the worker's own cwd does not matter."""
+    def run(self, job: Job, ds: str, group: list[RunSpec]) -> list[dict[str, Any]]:
+        """Train ``group`` (:func:`..units.run_group`); its records, with this worker's
+        environment. ``job``'s paths are absolute (the driver's), so the worker's own cwd does not
+        matter."""
         if ds not in self.data:
-            self.data = {ds: load_dataset(ds, data_dir=config.data_dir, download=False,
+            self.data = {ds: load_dataset(ds, data_dir=job.data_dir, download=False,
                                           device=self.device)}  # one dataset at a time
-        records = run_group(config, group, self.data[ds], None, checkpoint_policy(config, group))
+        records = run_group(job, group, self.data[ds], None, checkpoint_policy(job, group))
         env = environment(self.device)
         env.update(executor="ray", worker_host=socket.gethostname(), worker_pid=os.getpid())
         for rec in records:
@@ -101,16 +102,17 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, config: SweepConfig, log: Callable[[str], None]):
+    def __init__(self, job: Job, log: Callable[[str], None], *, datasets: Sequence[str],
+                 address: str | None = None):
         self.ray = ray = import_ray()
-        self.log, self.actors, self.started, self.worker_pids = log, [], False, []
-        gpu = torch.device(config.device).type == "cuda"
+        self.job, self.log, self.actors, self.started, self.worker_pids = job, log, [], False, []
+        gpu = torch.device(job.device).type == "cuda"
         kind = "GPU" if gpu else "CPU"
-        address = config.ray_address or os.environ.get("RAY_ADDRESS")
+        given, address = address, address or os.environ.get("RAY_ADDRESS")
         try:
             if not ray.is_initialized():
                 check_reachable(address)
-                ray.init(address=config.ray_address, log_to_driver=False)
+                ray.init(address=given, log_to_driver=False)
                 self.started = True
             total = ray.cluster_resources()
         except ConnectionError as e:
@@ -122,27 +124,27 @@ class RayExecutor:
         if n < 1:
             self.close()
             raise ExecutorUnavailableError(
-                f"--executor ray: the Ray cluster has no {kind} for --device {config.device} "
+                f"--executor ray: the Ray cluster has no {kind} for --device {job.device} "
                 f"(its resources: {total}); nothing was trained")
         options = {"num_gpus": 1} if gpu else {"num_cpus": 1}
         worker = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
                             **options)(_Worker)
-        device = "cuda" if gpu else config.device
+        device = "cuda" if gpu else job.device
         self.actors = [worker.remote(device, None if gpu else 1) for _ in range(n)]
         try:
-            self.data_dirs = _data_dirs(config)
-            self._check_workers()
+            self._check_workers(datasets)
         except BaseException:
             self.close()
             raise
         log(f"ray: {len(self.actors)} worker(s), one per {kind} (pids "
             f"{' '.join(map(str, self.worker_pids))})")
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, datasets: Sequence[str]) -> None:
         """Keep the workers that start within :data:`READY_TIMEOUT` s (an actor waits for a
         {C,G}PU another job holds); each must run this package's version and commit and see every
         dataset where the driver found it. Else :class:`ExecutorUnavailableError`."""
         ray = self.ray
+        self.data_dirs = _data_dirs(self.job, datasets)
         dirs = {ds: None if d is None else str(d) for ds, d in self.data_dirs.items()}
         asked = {a.describe.remote(dirs): a for a in self.actors}
         ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=READY_TIMEOUT)
@@ -172,28 +174,28 @@ class RayExecutor:
                     "driver found it: put the data at the same path on every node; nothing "
                     "was trained")
 
-    def group_size(self, config: SweepConfig, n_runs: int) -> int:
+    def group_size(self, n_runs: int) -> int:
         """``--group-size``, but small enough that every worker gets a group."""
         spread = max(1, math.ceil(n_runs / len(self.actors)))
-        return spread if config.group_size is None else min(config.group_size, spread)
+        return spread if self.job.group_size is None else min(self.job.group_size, spread)
 
-    def map(self, config: SweepConfig, ds: str, groups: list[list[RunSpec]],
-            state: dict[str, Any], bar) -> Iterator[tuple[list[RunSpec], list[dict[str, Any]]]]:
+    def map(self, ds: str, groups: list[list[RunSpec]], state,
+            bar) -> Iterator[tuple[list[RunSpec], list[dict[str, Any]]]]:
         """Give each idle actor the next group; yield ``(group, records)`` as groups end.
 
         A group whose actor died for good (after :data:`MAX_RETRIES` restarts) goes back to the
         queue for another actor; when none is left, :class:`WorkersLostError`."""
         ray = self.ray
-        config = replace(config, out=Path(config.out).resolve(), data_dir=self.data_dirs[ds])
-        state["remote"] = "Ray workers"
+        job = replace(self.job, out=Path(self.job.out).resolve(), data_dir=self.data_dirs[ds])
+        state.remote = "Ray workers"
         pending = list(range(len(groups)))
         running: dict[Any, tuple[Any, int]] = {}  # future -> (actor, group index)
         idle = list(self.actors)
         while pending or running:
             while idle and pending:
                 actor, i = idle.pop(0), pending.pop(0)
-                running[actor.run.remote(config, ds, groups[i])] = (actor, i)
-            state["in_flight"] = [s for _, j in running.values() for s in groups[j]]
+                running[actor.run.remote(job, ds, groups[i])] = (actor, i)
+            state.in_flight = [s for _, j in running.values() for s in groups[j]]
             if not running:  # groups left, no actor to run them
                 raise WorkersLostError("every Ray worker has died for good")
             [future], _ = ray.wait(list(running), num_returns=1)
@@ -224,21 +226,21 @@ class RayExecutor:
             self.started = False
 
 
-def _data_dirs(config: SweepConfig) -> dict[str, Path | None]:
+def _data_dirs(job: Job, datasets: Sequence[str]) -> dict[str, Path | None]:
     """Per dataset, the absolute folder where the driver finds it (downloading it first with
     ``--download``); ``None`` for the bundled digits. Workers read from exactly there."""
     dirs: dict[str, Path | None] = {}
-    for ds in config.datasets:
+    for ds in datasets:
         if canonical_name(ds) == "digits":
             dirs[ds] = None
             continue
         try:
-            dirs[ds] = locate(ds, config.data_dir).resolve()
+            dirs[ds] = locate(ds, job.data_dir).resolve()
         except DatasetNotFoundError:
-            if not config.download:
+            if not job.download:
                 raise
-            load_dataset(ds, data_dir=config.data_dir, download=True)
-            dirs[ds] = locate(ds, config.data_dir).resolve()
+            load_dataset(ds, data_dir=job.data_dir, download=True)
+            dirs[ds] = locate(ds, job.data_dir).resolve()
     return dirs
 
 
@@ -255,12 +257,3 @@ def check_reachable(address: str | None, timeout: float = 10.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
         raise ConnectionError(f"nothing answers at {host}:{port} ({e})") from None
-
-
-class ExecutorUnavailableError(RuntimeError):
-    """``--executor ray`` could not start: the cluster is unreachable or lacks the device, or a
-    worker does not run the same code or see the data. Nothing was trained (exit 2)."""
-
-
-class WorkersLostError(WorkersLost):
-    """Every Ray worker died for good with groups left to run; finished runs are kept (exit 5)."""
