@@ -397,3 +397,15 @@ def test_build_arm_neither_reads_nor_moves_the_global_rng(digits):
     torch.manual_seed(0)
     build_arm(spec, digits)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is where it was
+
+
+@pytest.mark.parametrize("batch, backend, recorded", [(True, "grouped", "grouped"),
+                                                       (True, "auto", "loop"),
+                                                       (False, "grouped", "loop")])
+def test_each_record_names_the_backend_that_trained_it(tmp_path, batch, backend, recorded):
+    """A stacked group records the backend ``auto`` chose (on the CPU: the loop, the fastest
+    measured there); a run trained alone uses ``train``, its own kernels: the loop."""
+    run_sweep(tiny(tmp_path, seeds=[42], steps=2, batch=batch, backend=backend))
+    recs = [json.loads(ln) for ln in lines(tmp_path / "results.jsonl")]
+    assert len(recs) == 2 and {r["backend"] for r in recs} == {recorded}
+    assert {r["trainer"] for r in recs} == {"batched" if batch else "single"}

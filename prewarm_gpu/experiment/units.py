@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ImageData, load_dataset
-from ..train import TrainResult, train
+from ..train import TrainResult, choose_backend, train
 from ..training.checkpoint import Checkpointer, parse_every
 from .arms import build_arm
 from .plan import RunSpec
@@ -171,12 +171,15 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
             records[spec.key] = make_record(spec, _failed("", e), {}, None,
                                             time.perf_counter() - t0)
             _StepCounter(progress).finish(spec.train.steps)
+    chosen = None  # the backend that trains them, recorded with each run
     if built:
+        models = [b[1] for b in built]
+        chosen = choose_backend(backend, models, data.device)
         step_progress = _StepCounter(progress)
         try:
-            results = train_batched([b[1] for b in built], data, built[0][0].train,
+            results = train_batched(models, data, built[0][0].train,
                                     seeds=[b[0].seed for b in built],
-                                    precision=built[0][0].precision, backend=backend,
+                                    precision=built[0][0].precision, backend=chosen,
                                     graphs=graphs, compile=compile,
                                     progress=step_progress,
                                     checkpoint=checkpoint.open([b[0] for b in built])
@@ -189,7 +192,7 @@ def run_batch(specs: Sequence[RunSpec], data: ImageData, *,
                 save_model(model, model_path(save_dir, spec))
             records[spec.key] = make_record(spec, r, report, init_s, init_s + r.seconds)
     for spec in specs:
-        records[spec.key]["trainer"] = "batched"
+        records[spec.key].update(trainer="batched", backend=chosen)
     return [records[s.key] for s in specs]
 
 
@@ -208,7 +211,7 @@ def run_group(job: Job, group: Sequence[RunSpec], data: ImageData,
         records = [run_one(spec, data, progress=progress, checkpoint=checkpoint,
                            graphs=job.graphs, compile=job.compile,
                            save_to=model_path(job.out, spec) if job.save_models else None)]
-        records[0]["trainer"] = "single"
+        records[0].update(trainer="single", backend="loop")  # train(): one run, its own kernels
     for rec in records:  # which data the run saw, so two folders can be shown to share it
         rec["data_fingerprint"] = data.fingerprint
     return records
