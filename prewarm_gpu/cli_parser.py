@@ -37,15 +37,27 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--steps 0`` is an error, not "the default")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _argument_type(name: str, convert, expected: str, refusal):
+    """An argparse type: ``convert(text)`` (a ``ValueError`` reads "expected <expected>, got
+    '<text>'"), then ``refusal(value, text)``: why the value is refused, or None to take it."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        why = refusal(value, text)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+# argparse type: an integer >= 1 (``--steps 0`` is an error, not "the default").
+_positive_int = _argument_type("_positive_int", int, "an integer >= 1",
+                               lambda v, text: None if v >= 1 else f"must be >= 1, got {v}")
 
 
 def _real(lo: float | None = None, *, above: bool = False):
@@ -53,33 +65,21 @@ def _real(lo: float | None = None, *, above: bool = False):
     refused here, before any training, not by the JSON writer after it (issue 30)."""
     bound = "" if lo is None else f" {'>' if above else '>='} {lo:g}"
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or (lo is not None and (value <= lo if above
-                                                            else value < lo)):
-            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
-        return value
+    def refusal(value: float, text: str) -> str | None:
+        inside = lo is None or (value > lo if above else value >= lo)
+        return None if math.isfinite(value) and inside else (
+            f"must be a finite number{bound}, got {text!r}")
 
-    parse.__name__ = "finite number"  # argparse names the type in some messages
-    return parse
+    return _argument_type("finite number", float, "a number", refusal)
 
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes, as an unsigned 64-bit int
 
-
-def _seed(text: str) -> int:
-    """argparse type: a seed ``torch.Generator.manual_seed`` takes, in [0, 2**64 - 1]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"seed {value} is out of range: a seed must be an "
-                                         f"integer in [0, 2**64 - 1]")
-    return value
+# argparse type: a seed ``torch.Generator.manual_seed`` takes, in [0, 2**64 - 1].
+_seed = _argument_type(
+    "_seed", int, "an integer seed",
+    lambda v, text: None if SEED_RANGE[0] <= v <= SEED_RANGE[1] else (
+        f"seed {v} is out of range: a seed must be an integer in [0, 2**64 - 1]"))
 
 
 def _finite(x: Any) -> bool:

@@ -156,6 +156,20 @@ def _agreement_error(entries, ranks, sync) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class SyncOptions:
+    """How the ranks agree: :func:`prewarm_distributed_`'s keywords beside ``prewarm_``'s, checked
+    once here (:func:`~prewarm_gpu.prewarm_on_first_batch` takes and passes on the same)."""
+
+    process_group: Any = None  # the group to sync over (None: the world group, if initialised)
+    src: int = 0  # global rank that computes, with sync="broadcast"
+    sync: str = "broadcast"  # one of SYNC_MODES
+
+    def __post_init__(self) -> None:
+        if self.sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {self.sync!r}")
+
+
 def prewarm_distributed_(
     model: nn.Module,
     images: torch.Tensor,
@@ -168,30 +182,13 @@ def prewarm_distributed_(
     """Pre-Warm the first conv of a data-parallel model so that every rank gets the same filters.
 
     `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` -
-    Martinsn (2026). The API is this separate function rather than an option of
-    :func:`~prewarm_gpu.prewarm_`: ``prewarm_`` stays a pure single-process initialiser, and
-    this one adds the collectives around it. Without ``torch.distributed`` (not initialised and
-    no ``process_group``) it is exactly ``prewarm_`` (report ``sync="local"``).
-
-    - ``sync="broadcast"`` (default): rank ``src`` runs ``prewarm_`` on *its* batch and broadcasts
-      the written filters ``weight[:n_clusters]`` of the target conv, and only those: the rest of
-      every rank's weights stays as it was. The other ranks' batches only locate the target conv.
-    - ``sync="compute"``: every rank runs ``prewarm_`` on its own batch, which the caller
-      guarantees is the same on every rank, with the same ``generator`` (an int seed). The
-      written filters are compared exactly (a SHA-256 of their bytes) and a difference is an
-      error, not a silent divergence.
-
-    Works on a ``DistributedDataParallel`` (or ``torch.compile``) model, before or after
-    wrapping: it writes the inner module's conv (``layer=`` names a layer of the inner module).
-    DDP broadcasts parameters only at construction, so after wrapping this call is what keeps the
-    replicas equal (before wrapping, DDP's constructor would copy rank 0's filters anyway).
-    Sharded weights (FSDP2 / ``DTensor``, FSDP1) are refused: call it before sharding.
-
-    Every rank takes part in one ``all_gather_object`` of its status before any filter is
-    broadcast. A failure on any rank (bad input, a rule that does not apply, a sharded weight)
-    restores the weights already written and raises on every rank: the failing rank raises its
-    own exception, the others a :class:`DistributedPrewarmError` naming it. NCCL groups need
-    ``torch.cuda.set_device(local_rank)`` beforehand, as for any object collective.
+    Martinsn (2026), with collectives around :func:`~prewarm_gpu.prewarm_`; without
+    ``torch.distributed`` it is exactly ``prewarm_`` (report ``sync="local"``).
+    ``sync="broadcast"``: rank ``src`` computes on its batch and broadcasts the written filters
+    ``weight[:n_clusters]`` only. ``sync="compute"``: every rank computes on the same batch and
+    seed, and the filters are checked equal (SHA-256). A failure on any rank restores the weights
+    and raises on every rank (:class:`DistributedPrewarmError` on the others). DDP, compiled and
+    sharded models: docs/library.md, "Data parallelism".
 
     Args:
         model: the model, plain or wrapped (DDP, DataParallel, ``torch.compile``).
@@ -205,8 +202,8 @@ def prewarm_distributed_(
             ``generator``).
 
     Returns:
-        A :class:`DistributedPrewarmReport`: ``prewarm_``'s report, the same on every rank with
-        ``sync="broadcast"``, plus ``sync``, ``src`` and ``world_size``.
+        A :class:`DistributedPrewarmReport`: ``prewarm_``'s report (``src``'s on every rank with
+        ``sync="broadcast"``) plus ``sync``, ``src`` and ``world_size``.
 
     Example:
         >>> dist.init_process_group("gloo")
@@ -215,58 +212,87 @@ def prewarm_distributed_(
         >>> report.sync, report.src
         ('broadcast', 0)
     """
-    import torch.distributed as dist
-
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    how = SyncOptions(process_group, src, sync)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    group = _group(process_group)
-    if group is None:
-        inner = unwrap(model)
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            name, conv = find_conv(inner, images.shape[1], options.get("layer"))
-            check_not_sharded(inner, conv, name)
-        return _extend(prewarm_(inner, images, **options), "local", None, 1)
+    return synced_prewarm_(model, images, how, options)
 
+
+def synced_prewarm_(model: nn.Module, images: torch.Tensor, how: SyncOptions,
+                    options: dict[str, Any]) -> DistributedPrewarmReport:
+    """:func:`prewarm_distributed_` past its argument checks: local, or exchange and broadcast."""
+    import torch.distributed as dist
+
+    group = _group(how.process_group)
+    if group is None:
+        return _prewarm_local(model, images, options)
     ranks = dist.get_process_group_ranks(group)
-    if src not in ranks:
-        raise ValueError(f"src={src} is not a rank of the process group (ranks {ranks})")
-    rank = dist.get_rank()
+    if how.src not in ranks:
+        raise ValueError(f"src={how.src} is not a rank of the process group (ranks {ranks})")
     state: dict[str, Any] = {}
+    entry, gathered = _exchange(model, images, how, options, group, ranks, state)
+    if how.sync == "compute":
+        return _extend(entry["report"], "compute", None, len(ranks))
+    report = gathered[ranks.index(how.src)]["report"]
+    _broadcast_filters(state["conv"], report.n_clusters, how.src, group)
+    return _extend(report, "broadcast", how.src, len(ranks))
+
+
+def _prewarm_local(model, images, options) -> DistributedPrewarmReport:
+    """No ``torch.distributed``: ``prewarm_`` on the inner module, sharded weights refused."""
+    inner = unwrap(model)
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        name, conv = find_conv(inner, images.shape[1], options.get("layer"))
+        check_not_sharded(inner, conv, name)
+    return _extend(prewarm_(inner, images, **options), "local", None, 1)
+
+
+def _exchange(model, images, how, options, group, ranks, state):
+    """This rank's :func:`_local_step`, then one ``all_gather_object`` of every rank's entry, so
+    that a failure anywhere raises everywhere (:func:`_raise_on_failure`) before any broadcast.
+    Returns this rank's entry and the gathered ones, in ``ranks`` order."""
+    import torch.distributed as dist
+
     try:
-        entry = _local_step(model, images, sync, rank == src, options, state)
+        entry = _local_step(model, images, how.sync, dist.get_rank() == how.src, options, state)
         error = None
     except Exception as e:  # reported to every rank below, then re-raised here
         entry, error = {"error": f"{type(e).__name__}: {e}"}, e
     gathered: list[Any] = [None] * len(ranks)
     dist.all_gather_object(gathered, entry, group=group)
+    _raise_on_failure(gathered, ranks, how.sync, error, state)
+    return entry, gathered
 
+
+def _raise_on_failure(gathered, ranks, sync, error, state) -> None:
+    """If a rank failed or the ranks disagree: undo this rank's write, then raise its own
+    exception, or a :class:`DistributedPrewarmError` saying which rank failed or how they differ."""
     failed = [(r, e["error"]) for r, e in zip(ranks, gathered, strict=True) if "error" in e]
     why = None if failed else _agreement_error(gathered, ranks, sync)
-    if failed or why:
-        if "snapshot" in state:
-            with torch.no_grad():
-                state["conv"].weight.copy_(state["snapshot"])
-        if error is not None:
-            raise error
-        if why:
-            raise DistributedPrewarmError(why)
-        r, msg = failed[0]
-        raise DistributedPrewarmError(f"Pre-Warm failed on rank {r}: {msg}")
+    if not (failed or why):
+        return
+    if "snapshot" in state:
+        with torch.no_grad():
+            state["conv"].weight.copy_(state["snapshot"])
+    if error is not None:
+        raise error
+    if why:
+        raise DistributedPrewarmError(why)
+    r, msg = failed[0]
+    raise DistributedPrewarmError(f"Pre-Warm failed on rank {r}: {msg}")
 
-    if sync == "compute":
-        return _extend(entry["report"], "compute", None, len(ranks))
-    report = gathered[ranks.index(src)]["report"]
-    k, conv = report.n_clusters, state["conv"]
+
+def _broadcast_filters(conv: nn.Conv2d, k: int, src: int, group) -> None:
+    """Rank ``src``'s filters ``weight[:k]`` onto every rank's conv."""
+    import torch.distributed as dist
+
     with torch.no_grad():
         # The conditioned filters only, as one contiguous buffer: the rest of every rank's
         # weights is its own business (DDP broadcast it at construction, or the user did).
         buf = conv.weight[:k].detach().clone()
         dist.broadcast(buf, src=src, group=group)
-        if rank != src:
+        if dist.get_rank() != src:
             conv.weight[:k].copy_(buf)
-    return _extend(report, "broadcast", src, len(ranks))
 
 
 def _extend(report: PrewarmReport, sync: str, src: int | None,

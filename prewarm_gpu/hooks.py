@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import SYNC_MODES, prewarm_distributed_, wrapper_chain
+from .distributed import SyncOptions, synced_prewarm_, wrapper_chain
 from .prewarm import PrewarmReport
 
 __all__ = ["prewarm_on_first_batch", "FirstBatchPrewarm"]
@@ -36,12 +36,12 @@ class FirstBatchPrewarm:
     """
 
     def __init__(self, module: nn.Module, options: dict[str, Any], select: int | str,
-                 mean: torch.Tensor | None, std: torch.Tensor | None, dist_options: dict):
+                 mean: torch.Tensor | None, std: torch.Tensor | None, how: SyncOptions):
         self.report: PrewarmReport | None = None
         self.error: BaseException | None = None
         self.module = module  # the inner module the hook is on
         self._options, self._select, self._mean, self._std = options, select, mean, std
-        self._dist = dist_options
+        self._how = how
         # compiler.disable: a torch.compile'd model runs the hook eagerly (a graph break)
         # instead of tracing k-means' host reads into its graph.
         hook = torch.compiler.disable(self._hook)
@@ -102,7 +102,7 @@ class FirstBatchPrewarm:
             if self._mean is not None:
                 with torch.no_grad():
                     options["raw_images"] = self._raw(x)
-            self.report = prewarm_distributed_(module, x, **self._dist, **options)
+            self.report = synced_prewarm_(module, x, self._how, options)
         except BaseException as e:
             self.error = e
             raise
@@ -132,37 +132,18 @@ def prewarm_on_first_batch(
     """Run Pre-Warm on the first batch ``model`` is called with, before that forward, once.
 
     `Pre-Warm: Input-Conditioned Weight Initialization for Convolutional Neural Networks` -
-    Martinsn (2026). Installs a forward pre-hook that calls
-    :func:`~prewarm_gpu.distributed.prewarm_distributed_` on the call's images, then removes
-    itself; the handle keeps the report. If that call raises, the hook is removed too and the
-    exception propagates from the forward (the model is left as it was).
-
-    The rules (Table 2) need raw [0, 1] pixels; for standardised inputs give one of:
-    ``raw_images=`` (a tensor of raw images of the same (C, H, W)), ``mean=``/``std=`` (the
-    per-channel standardisation the batch went through; raw = x·std + mean), or an explicit
-    ``n_patches``. Without any, ``prewarm_`` warns when the batch does not look like [0, 1]
-    pixels.
-
-    Wrappers: the hook goes on the inner module (``.module`` of ``DistributedDataParallel``,
-    ``._orig_mod`` of ``torch.compile``), which every wrapper calls; so it may be installed before
-    or after wrapping in DDP. Under ``torch.distributed`` every rank must install it: its first
-    forward is then a collective (``sync="broadcast"``: rank ``src``'s batch conditions every
-    rank). With ``torch.compile`` it may be installed before compiling, after, or even after the
-    compiled model's first call (all three tested with ``backend="eager"``, torch 2.14, CPU); the
-    hook runs eagerly (``torch.compiler.disable``) rather than traced through k-means' host reads
-    (graph breaks and dynamo warnings; the three tests took 27 s traced, 18 s eager, 2-core CPU at
-    load 8). Installing before compiling is the safe order on other
-    versions: dynamo may skip guards on hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``).
-    ``nn.DataParallel`` is refused: its per-forward replicas would receive the write.
+    Martinsn (2026). A forward pre-hook calls :func:`~prewarm_gpu.prewarm_distributed_` on the
+    call's images and removes itself; a failure propagates from that forward, the model as it was.
+    The rules (Table 2) need raw [0, 1] pixels: for standardised inputs give ``raw_images=``,
+    ``mean=``/``std=`` (raw = x·std + mean) or ``n_patches``. DDP, ``torch.compile`` and
+    ``torch.distributed``: docs/library.md, "Data parallelism" (``nn.DataParallel`` is refused).
 
     Args:
         model: the model (plain, DDP or compiled).
         input: which argument of the forward call holds the images: a position or a keyword.
         mean, std: per-channel standardisation to undo for the rules; both or neither.
-        process_group, src, sync: as :func:`~prewarm_gpu.distributed.prewarm_distributed_`.
-        **options: :func:`~prewarm_gpu.prewarm_`'s keywords (``layer``, ``n_clusters``,
-            ``n_patches``, ``scale``, ``patch_size``, ``raw_images``, ``kmeans_options``,
-            ``generator``).
+        process_group, src, sync, **options: as :func:`~prewarm_gpu.prewarm_distributed_`
+            (every rank installs the hook); the options are checked here, at install.
 
     Returns:
         A :class:`FirstBatchPrewarm`: ``.report`` (None until the first forward), ``.pending``,
@@ -173,34 +154,43 @@ def prewarm_on_first_batch(
         >>> for x, y in loader: ...  # the first model(x) conditions conv1, then trains on
         >>> handle.report.n_patches
     """
-    from torch.nn import DataParallel
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     unknown = sorted(set(options) - set(PREWARM_OPTIONS))
     if unknown:
         raise TypeError(f"unknown options {unknown}; prewarm_on_first_batch takes input, mean, "
                         f"std, process_group, src, sync and prewarm_'s {list(PREWARM_OPTIONS)}")
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    how = SyncOptions(process_group, src, sync)
     if isinstance(input, bool) or not isinstance(input, (int, str)) or (
             isinstance(input, int) and input < 0):
         raise TypeError(f"input must be an argument index >= 0 or a keyword name, got {input!r}")
+    m, s = _standardisation(mean, std, options.get("raw_images"))
+    return FirstBatchPrewarm(_hooked_module(model), options, input, m, s, how)
+
+
+def _standardisation(mean, std, raw_images) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``mean``/``std`` as float64 channel vectors (both or neither, not with ``raw_images``)."""
     if (mean is None) != (std is None):
         raise ValueError("give mean and std together (raw = x·std + mean), or neither")
-    if mean is not None and options.get("raw_images") is not None:
+    if mean is None:
+        return None, None
+    if raw_images is not None:
         raise ValueError("give raw_images or mean/std, not both: both say what the raw pixels are")
-    m = s = None
-    if mean is not None:
-        m, s = _channel_vector("mean", mean), _channel_vector("std", std)
-        if m.numel() != s.numel():
-            raise ValueError(f"mean has {m.numel()} channels but std has {s.numel()}")
-        if not (s > 0).all():
-            raise ValueError(f"std must be > 0 per channel, got {s.tolist()}")
+    m, s = _channel_vector("mean", mean), _channel_vector("std", std)
+    if m.numel() != s.numel():
+        raise ValueError(f"mean has {m.numel()} channels but std has {s.numel()}")
+    if not (s > 0).all():
+        raise ValueError(f"std must be > 0 per channel, got {s.tolist()}")
+    return m, s
+
+
+def _hooked_module(model: nn.Module) -> nn.Module:
+    """The inner module every wrapper calls (the hook's place); ``nn.DataParallel`` refused."""
+    from torch.nn import DataParallel
+
     chain = wrapper_chain(model)
     if any(isinstance(w, DataParallel) for w in chain):
         raise ValueError("nn.DataParallel re-replicates the module at every forward, so a hook's "
                          "write would go to a replica; call prewarm_(model.module, images) "
                          "before training, or use DistributedDataParallel")
-    return FirstBatchPrewarm(chain[-1], options, input, m, s,
-                             {"process_group": process_group, "src": src, "sync": sync})
+    return chain[-1]

@@ -87,6 +87,19 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture
+def cached_digits(monkeypatch, digits):
+    """The sweep's units load :func:`digits` (this module's copy) instead of reading it again;
+    any other dataset name is a test error."""
+    from prewarm_gpu.experiment import units
+
+    def load(name, **kwargs):
+        assert name == "digits"
+        return digits
+
+    monkeypatch.setattr(units, "load_dataset", load)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -22,15 +22,7 @@ from prewarm_gpu.experiment.grid import (
 )
 from tests.conftest import interrupt_after, run_grid
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def cached_digits(monkeypatch, digits):
-    monkeypatch.setattr(units, "load_dataset", lambda name, **k: digits)
+pytestmark = pytest.mark.usefixtures("one_thread", "cached_digits")
 
 
 def small(out: Path, **kw) -> GridConfig:

@@ -16,24 +16,11 @@ from prewarm_gpu.experiment import (
     plan_runs,
     read_results,
     run_one,
-    units,
 )
 from prewarm_gpu.experiment.jsonable import jsonable
 from tests.conftest import run_sweep
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(autouse=True)
-def cached_digits(monkeypatch, digits):
-    def load(name, **kwargs):
-        assert name == "digits"
-        return digits
-
-    monkeypatch.setattr(units, "load_dataset", load)
+pytestmark = pytest.mark.usefixtures("one_thread", "cached_digits")
 
 
 def tiny(out: Path, **kw) -> SweepConfig:
