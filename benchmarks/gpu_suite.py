@@ -500,9 +500,9 @@ def part_smoke(ctx: Ctx) -> None:
         ctx.case(f"kmeans loop={loop}", lambda loop=loop: _smoke_kmeans(dev, loop, fits),
                  kind="kmeans", guess=g)
     ctx.case("kmeans loops agree", lambda: _smoke_loops_agree(fits), guess=0.1)
-    from prewarm_gpu.batched import PRECISIONS
+    from prewarm_gpu.batched import BACKENDS, PRECISIONS
 
-    for backend in ("grouped", "vmap", "loop", "auto"):
+    for backend in (*(b for b in BACKENDS if b != "auto"), "auto"):
         for precision in PRECISIONS if backend != "auto" else ("fp32",):
             ctx.case(f"train {backend} {precision}",
                      lambda b=backend, p=precision: _smoke_train(small, b, p), kind="train",

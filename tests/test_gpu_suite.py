@@ -298,6 +298,19 @@ def test_the_loops_agree_check_fails_on_different_steps_or_centres(suite):
         suite._smoke_loops_agree({"device": fit(20)})
 
 
+def test_smoke_trains_every_backend_in_every_precision(suite):
+    """The smoke part names a case for each training backend (bmm included) in each precision."""
+    from prewarm_gpu.batched import BACKENDS, PRECISIONS
+
+    names: list[str] = []
+    ctx = SimpleNamespace(dev=torch.device("cpu"), quick=True,
+                          case=lambda name, fn, **kw: names.append(name))
+    suite.part_smoke(ctx)
+    for backend in BACKENDS:
+        for precision in PRECISIONS if backend != "auto" else ("fp32",):
+            assert f"train {backend} {precision}" in names
+
+
 def test_pytest_counts_read_a_cut_verbose_log(suite):
     log = ("tests/test_a.py::test_x PASSED  [ 33%]\ntests/test_a.py::test_y[cuda] FAILED [ 66%]\n"
            "tests/test_b.py::test_z SKIPPED (needs a CUDA device) [100%]\n")
