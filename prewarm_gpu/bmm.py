@@ -95,8 +95,10 @@ class BmmSimpleCNN(nn.Module):
         var, mean = torch.var_mean(y, dim=1, unbiased=False, keepdim=True)
         with torch.no_grad():
             n = y.shape[1]
-            mean_buf.lerp_(mean[:, 0], self.momentum)
-            var_buf.lerp_(var[:, 0] * (n / max(n - 1, 1)), self.momentum)
+            # Under bf16 autocast y (and so its statistics) is bf16; the buffers stay float32,
+            # as nn.BatchNorm's do (the cast is a no-op in fp32).
+            mean_buf.lerp_(mean[:, 0].to(mean_buf.dtype), self.momentum)
+            var_buf.lerp_((var[:, 0] * (n / max(n - 1, 1))).to(var_buf.dtype), self.momentum)
             getattr(self, f"bn{i}_count").add_(1)
         return (y - mean) * torch.rsqrt(var + self.eps) * w + b
 

@@ -201,7 +201,7 @@ def _train(digits, backend, precision, steps=40):
     return model, res
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "bmm"])
 @pytest.mark.parametrize("caller_region", [False, True], ids=["alone", "in-callers-autocast"])
 def test_bf16_forward_reads_the_current_weights(digits, backend, caller_region):
     """Each bf16 forward uses the weights of that step, not a cached step-0 bf16 copy.
