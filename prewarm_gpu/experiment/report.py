@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -254,6 +255,19 @@ def rule_statistics(data: ImageData, *, otsu: bool = True,
     return {"otsu_tau": tau, "d": d, "mean_patch_norm": norm}
 
 
+@contextmanager
+def refused_as_bad_data(data: ImageData) -> Iterator[None]:
+    """The rules' refusal of ``data``'s training images (all zero, constant) as bad data: a
+    :class:`~prewarm_gpu.data.DatasetInvalidError` naming their file (``stats`` and the dataset
+    rule of ``reproduce``/``grid`` alike)."""
+    try:
+        yield
+    except ValueError as e:
+        where = data.files[0] if data.files else "the bundled images"
+        raise DatasetInvalidError(f"{data.spec.name} training images ({where}): Table 1's "
+                                  f"statistics are undefined for them: {e}") from e
+
+
 def dataset_rule(data: ImageData) -> dict[str, Any]:
     """The rule of §3.4 on ``data``'s whole training split: ``{"source": "dataset", "rule":
     "otsu" | "patch_norm", "statistic": d or mean ‖p̃‖₂, "otsu_threshold": τ* or None}`` (eq. 5
@@ -263,7 +277,8 @@ def dataset_rule(data: ImageData) -> dict[str, Any]:
     cached = data.__dict__.get("_dataset_rule")
     if cached is None:
         gray = data.spec.in_channels == 1
-        st = rule_statistics(data, otsu=gray, patch_norm=not gray)
+        with refused_as_bad_data(data):
+            st = rule_statistics(data, otsu=gray, patch_norm=not gray)
         cached = {"source": "dataset", "rule": "otsu" if gray else "patch_norm",
                   "statistic": st["d"] if gray else st["mean_patch_norm"],
                   "otsu_threshold": st["otsu_tau"]}
@@ -279,15 +294,11 @@ def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
         log(f"{data.spec.name}: read from {data.source}")
     s = data.spec
     gray = s.in_channels == 1
-    try:
+    with refused_as_bad_data(data):
         st = rule_statistics(data)
         tau, d, norm = st["otsu_tau"], st["d"], st["mean_patch_norm"]
         n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
                      else rules.n_patches_color(norm, n_filters))
-    except ValueError as e:  # the rules refuse these images (all zero, constant): bad data
-        where = data.files[0] if data.files else "the bundled images"
-        raise DatasetInvalidError(f"{s.name} training images ({where}): Table 1's statistics "
-                                  f"are undefined for them: {e}") from e
     return {"dataset": s.title, "in_channels": s.in_channels,
             "image": f"{s.image_size[0]}×{s.image_size[1]}", "fc_dim": fc_dim(s.image_size),
             "lr": f"{s.lr_start:g}→{s.lr_end:g}", "otsu_tau": tau, "d": d, "mean_patch_norm": norm,
