@@ -270,6 +270,10 @@ def test_pool_of_the_h100_replication_and_the_committed_run(capsys):
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if ln.startswith("| **pooled by seed**"))
     cells = [c.strip() for c in row.split("|")]
-    # the issue's numbers: Δ ≈ +0.0016, p ≈ 0.02 over 8 seeds
-    assert cells[2] == "8" and abs(float(cells[5]) - 0.0016) < 0.0002
-    assert 0.01 < float(cells[6].rstrip("*")) < 0.03
+    # Recomputed by hand (numpy/scipy) from the two folders' records, the committed run's
+    # Pre-Warm arms being its dataset-rule re-run (the latest by key): per-seed means of the two
+    # replications, Kaiming 0.9269 ± 0.0015, Pre-Warm 0.9289 ± 0.0011, Δ +0.0020, t₇ 3.10,
+    # one-sided p 0.0086, 6/8 (the README's row). With the earlier per-batch rule the issue's
+    # Δ ≈ +0.0016, p ≈ 0.02.
+    assert cells[2] == "8" and cells[3] == "0.9269 ± 0.0015" and cells[4] == "0.9289 ± 0.0011"
+    assert cells[5] == "+0.0020" and cells[6].rstrip("*") == "0.0086" and cells[7] == "6/8"
