@@ -18,7 +18,8 @@ summary. The exit code is 0 when no part failed, 1 when one did, 128 + signal wh
 ``--budget SECONDS`` (default 420, counted from the interpreter's start): the parts run in order
 of value, each given a share of what is left (:func:`part_share`); a part that cannot fit its
 least useful size is skipped with the reason, and inside a part a case whose estimate does not
-fit what is left of the part's share is skipped (cut between cases, never mid-case). Rounds,
+fit what is left of the part's share is skipped (cut between cases, never mid-case, but for a
+subprocess whose timeout is what is left of the share: cut by it, the case is skipped too). Rounds,
 sizes and training steps are chosen from the share.
 
 Parts, in order:
