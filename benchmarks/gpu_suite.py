@@ -18,7 +18,8 @@ summary. The exit code is 0 when no part failed, 1 when one did, 128 + signal wh
 ``--budget SECONDS`` (default 420, counted from the interpreter's start): the parts run in order
 of value, each given a share of what is left (:func:`part_share`); a part that cannot fit its
 least useful size is skipped with the reason, and inside a part a case whose estimate does not
-fit what is left of the part's share is skipped (cut between cases, never mid-case). Rounds,
+fit what is left of the part's share is skipped (cut between cases, never mid-case, but for a
+subprocess whose timeout is what is left of the share: cut by it, the case is skipped too). Rounds,
 sizes and training steps are chosen from the share.
 
 Parts, in order:
@@ -242,6 +243,13 @@ class Ctx:
         t = time.perf_counter()
         try:
             row, status = dict(fn() or {}), "ok"
+        except subprocess.TimeoutExpired as e:  # its timeout is what was left of the share
+            row, status = {"error": error_record(e, 2)}, "failed"
+            if self.left() <= 1.0:  # the budget cut it, not a fault: a skip, as above
+                status = "skipped"
+                row["reason"] = (f"cut at the end of the {self.name} part's share after "
+                                 f"{time.perf_counter() - t:.1f} s")
+            (self.skipped if status == "skipped" else self.failed).append(name)
         except Exception as e:  # noqa: BLE001 — recorded; the other cases still run
             row, status = {"error": error_record(e)}, "failed"
             self.failed.append(name)
@@ -253,8 +261,8 @@ class Ctx:
         self.last_s[kind] = seconds
         into[name] = {"status": status, "seconds": round(seconds, 4), **row}
         self.suite.save()
-        what = "ok" if status == "ok" else f"FAILED {row['error']['type']}: " \
-                                           f"{row['error']['message'][:200]}"
+        what = status if status != "failed" else f"FAILED {row['error']['type']}: " \
+                                                  f"{row['error']['message'][:200]}"
         _log(f"{self.name} / {name}: {what} ({seconds:.2f} s)")
         return row if status == "ok" else None
 

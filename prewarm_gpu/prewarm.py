@@ -112,6 +112,7 @@ def prewarm_(
         >>> model = torchvision.models.resnet18()
         >>> report = prewarm_(model, images, generator=0)  # conv1: 7×7, stride 2
     """
+    _warn_if_ddp(model)
     # images may require grad (nothing here is differentiated); an ambient autocast must not
     # lower the float64/float32 arithmetic Pre-Warm promises.
     with torch.no_grad(), no_autocast():
@@ -119,6 +120,17 @@ def prewarm_(
             model, images, layer=layer, n_clusters=n_clusters, n_patches=n_patches, scale=scale,
             patch_size=patch_size, raw_images=raw_images, kmeans_options=kmeans_options,
             generator=generator))
+
+
+def _warn_if_ddp(model: nn.Module) -> None:
+    """A ``DistributedDataParallel`` model (compiled or not) was wrapped already: DDP broadcast
+    the parameters when it was built, so this rank's write would stay on this rank."""
+    ddp = nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp) or isinstance(getattr(model, "_orig_mod", None), ddp):
+        warnings.warn("prewarm_ on a DistributedDataParallel model writes this rank's filters "
+                      "only (DDP broadcasts parameters when it is built): the ranks would train "
+                      "different filters. Call prewarm_ before wrapping, or "
+                      "prewarm_distributed_ (rank 0's filters on every rank)", stacklevel=3)
 
 
 def conditioned_init(model: nn.Module, batch_images: torch.Tensor, n_clusters: int = 16,

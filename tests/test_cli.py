@@ -367,6 +367,18 @@ def test_stats_on_all_zero_images_is_exit_2_naming_the_file(tmp_path, capsys):
     assert "constant images" in err and "Traceback" not in err
 
 
+def test_reproduce_on_all_zero_images_is_exit_2_naming_the_file(tmp_path, capsys):
+    # The dataset rule (Otsu over the whole training split) refuses them as stats does.
+    write_mnist(tmp_path, None, images=np.zeros((4, 28, 28), np.uint8))
+    out = tmp_path / "o"
+    code = cli.main(["reproduce", "--dataset", "mnist", "--data-dir", str(tmp_path), "--seeds",
+                     "42", "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "train-images-idx3-ubyte") in err, err
+    assert "constant images" in err and "Traceback" not in err
+    assert not out.exists()  # refused before any training
+
+
 @pytest.mark.parametrize("resume", [True, False])
 def test_a_folder_another_live_sweep_holds_names_its_pid_not_nothing_to_resume(tmp_path, capsys,
                                                                               resume):

@@ -145,6 +145,24 @@ def test_without_torch_distributed_it_is_prewarm_():
     assert_same(a.state_dict(), b.state_dict())
 
 
+def test_plain_prewarm_after_ddp_wrapping_warns(tmp_path):
+    """The silent divergence of issue 28: prewarm_ on a DDP-wrapped model writes one rank's
+    filters only; it says so (one rank is enough to see the warning)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(small())
+        x = torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+        with pytest.warns(UserWarning, match="prewarm_distributed_"):
+            prewarm_(ddp, x, generator=0)
+        with pytest.warns(UserWarning, match="before wrapping"):
+            prewarm_(torch.compile(ddp, backend="eager"), x, generator=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_unwrap_strips_compile_and_sees_the_same_parameters():
     m = small()
     compiled = torch.compile(m, backend="eager")

@@ -157,6 +157,31 @@ def test_fake_parts_longer_than_the_budget_are_cut_between_cases(suite, tmp_path
                in res["parts"][n]["reason"] for n in ("prewarm", "kmeans", "training"))
 
 
+def test_a_case_cut_by_the_share_is_skipped_not_failed(suite, tmp_path, monkeypatch):
+    """A subprocess given what is left of the share as its timeout (the cli case) and cut by it
+    is a skip, as a case that does not fit is; a timeout with time left is a failure."""
+    import subprocess
+
+    def part(ctx):
+        def cut():
+            ctx.ends = time.monotonic()  # the share runs out while the subprocess runs
+            raise subprocess.TimeoutExpired(["prewarm-gpu"], 1.0)
+
+        def hung():
+            raise subprocess.TimeoutExpired(["prewarm-gpu"], 1.0)
+
+        ctx.case("hung", hung, guess=0)
+        ctx.case("cut", cut, guess=0)
+    monkeypatch.setattr(suite, "PART_FNS", {**suite.PART_FNS, "smoke": part})
+    assert suite.main(["--device", "cpu", "--quick", "--smoke", "--out", str(tmp_path)]) == 1
+    res = _read(tmp_path)
+    assert res["smoke"]["cut"]["status"] == "skipped" and "cut at the end" in \
+        res["smoke"]["cut"]["reason"]
+    assert res["smoke"]["hung"]["status"] == "failed"
+    assert res["parts"]["smoke"]["failed_cases"] == ["hung"]
+    assert res["parts"]["smoke"]["skipped_cases"] == ["cut"]
+
+
 def test_the_real_quick_suite_with_a_short_budget_ends_inside_it(suite, tmp_path, one_thread):
     t = time.monotonic()
     code = suite.main(["--device", "cpu", "--quick", "--budget", "8", "--out", str(tmp_path)],
@@ -291,6 +316,19 @@ def test_the_loops_agree_check_fails_on_different_steps_or_centres(suite):
         suite._smoke_loops_agree({"device": fit(20), "host": fit(20, 1e-3)})
     with pytest.raises(RuntimeError, match="only the \\['device'\\] loop"):
         suite._smoke_loops_agree({"device": fit(20)})
+
+
+def test_smoke_trains_every_backend_in_every_precision(suite):
+    """The smoke part names a case for each training backend (bmm included) in each precision."""
+    from prewarm_gpu.train import BACKENDS, PRECISIONS
+
+    names: list[str] = []
+    ctx = SimpleNamespace(dev=torch.device("cpu"), quick=True,
+                          case=lambda name, fn, **kw: names.append(name))
+    suite.part_smoke(ctx)
+    for backend in BACKENDS:
+        for precision in PRECISIONS if backend != "auto" else ("fp32",):
+            assert f"train {backend} {precision}" in names
 
 
 def test_pytest_counts_read_a_cut_verbose_log(suite):

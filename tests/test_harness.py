@@ -375,13 +375,13 @@ def test_an_initialiser_that_draws_from_the_global_rng_is_a_failed_run(tmp_path,
 
 def test_build_arm_neither_reads_nor_moves_the_global_rng(digits):
     spec = next(s for s in plan_runs(tiny(Path("unused"), seeds=[7])) if s.init == "prewarm")
-    torch.manual_seed(0)
+    torch.default_generator.manual_seed(0)
     a, _ = build_arm(spec, digits)
     state = torch.get_rng_state()
-    torch.manual_seed(12345)  # another global state: the same arm
+    torch.default_generator.manual_seed(12345)  # another global state: the same arm
     b, _ = build_arm(spec, digits)
     torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
-    torch.manual_seed(0)
+    torch.default_generator.manual_seed(0)
     build_arm(spec, digits)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is where it was
 

@@ -140,7 +140,7 @@ def test_simplecnn_forward_is_shared_by_its_variants(monkeypatch):
         return models.conv_blocks.__wrapped__(m, x)
 
     counted.__wrapped__ = models.conv_blocks
-    torch.manual_seed(0)
+    torch.default_generator.manual_seed(0)
     x = torch.randn(5, 1, 8, 8)
     plain, deep = SimpleCNN(1, 10, 8).eval(), DSSimpleCNN(1, 10, 8).eval()
     deep.load_state_dict({**deep.state_dict(), **plain.state_dict()})

@@ -6,6 +6,7 @@ are the ``gpu`` tests at the end.
 """
 
 import hashlib
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -265,6 +266,20 @@ def test_building_an_arm_seeds_only_the_cpu_generator(digits, monkeypatch):
         w = model.conv1.weight.detach().contiguous().numpy().tobytes()
         assert hashlib.sha256(w).hexdigest() == OLD_CONV1_SHA256[spec.init], spec.init
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_no_source_of_the_project_seeds_the_global_generators():
+    """``torch.manual_seed`` (or ``torch.cuda.manual_seed[_all]``) reseeds every CUDA device's
+    generator as well; in the package, the benchmarks, the examples and the tests alike, only the
+    CPU generator is seeded (``torch.default_generator.manual_seed``) or a generator of
+    one's own."""
+    root = Path(__file__).resolve().parents[1]
+    call = re.compile(r"\btorch\.(cuda\.)?manual_seed(_all)?\(")
+    hits = [f"{p.relative_to(root)}:{i}" for d in ("prewarm_gpu", "benchmarks", "examples", "tests")
+            for p in sorted((root / d).rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if call.search(line.split("#")[0])]
+    assert not hits, hits
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

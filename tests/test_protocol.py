@@ -146,7 +146,7 @@ def test_three_steps_of_a_six_step_schedule_use_its_first_learning_rates(digits,
     for T, steps in ((6, 3), (3, 3)):
         seen.clear()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)
             model = build_model("simplecnn", in_channels=1, n_classes=10, image_size=8)
         cfg = TrainConfig(steps=steps, eval_points=1, loss_points=1, schedule_steps=T)
         train(model, digits, cfg, seed=0)

@@ -6,12 +6,14 @@ the plan (:mod:`.plan` turns a rule into n_patches) and the reports (Table 1's r
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .. import rules
-from ..data import ImageData
+from ..data import DatasetInvalidError, ImageData
 
 
 def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
@@ -34,6 +36,19 @@ def rule_statistics(data: ImageData, *, otsu: bool = True,
     return {"otsu_tau": tau, "d": d, "mean_patch_norm": norm}
 
 
+@contextmanager
+def refused_as_bad_data(data: ImageData) -> Iterator[None]:
+    """The rules' refusal of ``data``'s training images (all zero, constant) as bad data: a
+    :class:`~prewarm_gpu.data.DatasetInvalidError` naming their file (``stats`` and the dataset
+    rule of ``reproduce``/``grid`` alike)."""
+    try:
+        yield
+    except ValueError as e:
+        where = data.files[0] if data.files else "the bundled images"
+        raise DatasetInvalidError(f"{data.spec.name} training images ({where}): Table 1's "
+                                  f"statistics are undefined for them: {e}") from e
+
+
 def dataset_rule(data: ImageData) -> dict[str, Any]:
     """The rule of §3.4 on ``data``'s whole training split: ``{"source": "dataset", "rule":
     "otsu" | "patch_norm", "statistic": d or mean ‖p̃‖₂, "otsu_threshold": τ* or None}`` (eq. 5
@@ -43,7 +58,8 @@ def dataset_rule(data: ImageData) -> dict[str, Any]:
     cached = data.__dict__.get("_dataset_rule")
     if cached is None:
         gray = data.spec.in_channels == 1
-        st = rule_statistics(data, otsu=gray, patch_norm=not gray)
+        with refused_as_bad_data(data):
+            st = rule_statistics(data, otsu=gray, patch_norm=not gray)
         cached = {"source": "dataset", "rule": "otsu" if gray else "patch_norm",
                   "statistic": st["d"] if gray else st["mean_patch_norm"],
                   "otsu_threshold": st["otsu_tau"]}

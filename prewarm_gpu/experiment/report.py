@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from .. import rules
-from ..data import DATASETS, DatasetInvalidError, load_dataset
+from ..data import DATASETS, load_dataset
 from ..models import fc_dim
 from ..stats import MIN_PAIRS_FOR_MARKS, PairedStats, paired_stats, table3_markdown
 from ..training.protocol import steps_to_target
-from .datarule import rule_statistics
+from .datarule import refused_as_bad_data, rule_statistics
 from .jsonable import jsonable
 from .plan import (
     BASELINE,
@@ -247,15 +247,11 @@ def stats_row(name: str, *, data_dir: Path | None, download: bool, device: str,
         log(f"{data.spec.name}: read from {data.source}")
     s = data.spec
     gray = s.in_channels == 1
-    try:
+    with refused_as_bad_data(data):
         st = rule_statistics(data)
         tau, d, norm = st["otsu_tau"], st["d"], st["mean_patch_norm"]
         n_patches = (rules.n_patches_grayscale(d, n_filters) if gray
                      else rules.n_patches_color(norm, n_filters))
-    except ValueError as e:  # the rules refuse these images (all zero, constant): bad data
-        where = data.files[0] if data.files else "the bundled images"
-        raise DatasetInvalidError(f"{s.name} training images ({where}): Table 1's statistics "
-                                  f"are undefined for them: {e}") from e
     return {"dataset": s.title, "in_channels": s.in_channels,
             "image": f"{s.image_size[0]}×{s.image_size[1]}", "fc_dim": fc_dim(s.image_size),
             "lr": f"{s.lr_start:g}→{s.lr_end:g}", "otsu_tau": tau, "d": d, "mean_patch_norm": norm,
