@@ -88,6 +88,18 @@ def test_a_garbage_model_file_is_exit_2_naming_it(tmp_path, capsys, content):
     assert not (tmp_path / "b.pt").exists()
 
 
+@pytest.mark.parametrize("content", [{"fc.weight": torch.zeros(2, 3)}, {}, {"step": 3}])
+def test_a_model_file_with_no_conv_is_exit_2_naming_it(tmp_path, capsys, content):
+    """A readable state dict with no conv kernel (a stray .pt among the models) is refused, not
+    counted as a model of the bank."""
+    runs = _models(tmp_path / "runs")
+    bad = runs / "models" / "digits-kaiming-3.pt"
+    torch.save(content, bad)
+    code = main(["filterbank", "build", "--runs", str(runs), "--out", str(tmp_path / "b.pt")])
+    _one_line_error(capsys, code, 2, str(bad), "no conv layer")
+    assert not (tmp_path / "b.pt").exists()
+
+
 def _bank(tmp_path):
     from prewarm_gpu.methods.filterbank import build_bank, save_bank
 

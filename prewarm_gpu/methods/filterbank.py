@@ -161,17 +161,23 @@ def pool_kernels(sources: Iterable[Source], *, n_clusters: int = 3,
     too many clusters before any work.
 
     Raises:
-        ValueError: no models, a file that is not a state dict, no conv layer, unknown
+        ValueError: no models, a file that is not a state dict, a model with no conv, unknown
             ``layers``, kernel sizes that differ across models, fewer kernels than
             ``n_clusters``.
     """
     check_int("n_clusters", n_clusters, 1)
+    sources = list(sources)
     dicts = [_load_state_dict(s) for s in sources]
     if not dicts:
         raise ValueError("build_bank needs at least one trained model's state dict")
     pooled: dict[str, list[torch.Tensor]] = {}
-    for sd in dicts:
-        for name, k in conv_kernels(sd).items():
+    for i, sd in enumerate(dicts):
+        kernels = conv_kernels(sd)
+        if not kernels:  # a stray file among the models must not be counted as one
+            where = sources[i] if isinstance(sources[i], (str, os.PathLike)) else f"source {i}"
+            raise ValueError(f"{where} has no conv layer with a kernel larger than 1×1 (no 4-D "
+                             f"'*.weight'): not a trained model's state dict")
+        for name, k in kernels.items():
             pooled.setdefault(name, []).append(k)
     if layers is not None:
         layers = [layers] if isinstance(layers, str) else list(layers)
