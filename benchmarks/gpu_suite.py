@@ -383,13 +383,15 @@ def _smoke_loops_agree(fits: dict) -> dict:
     return {"n_steps": d.n_steps_, "max_abs_centre_diff": diff}
 
 
-def _smoke_train(data, backend: str, precision: str, steps: int = 3) -> dict:
+def _smoke_train(data, backend: str, precision: str, steps: int = 3,
+                 compile: bool = False) -> dict:
     from prewarm_gpu.train import TrainConfig, choose_backend, train_batched
 
     models = [_simplecnn(data, s) for s in (0, 1)]
     cfg = TrainConfig(steps=steps, batch_size=32, lr_start=data.spec.lr_start,
                       lr_end=data.spec.lr_end, eval_points=1, loss_points=2)
-    res = train_batched(models, data, cfg, seeds=[0, 1], precision=precision, backend=backend)
+    res = train_batched(models, data, cfg, seeds=[0, 1], precision=precision, backend=backend,
+                        compile=compile)
     bad = [(r.status, r.error) for r in res if r.status != "ok" or not all(map(math.isfinite,
                                                                                r.loss))]
     if bad:
@@ -514,6 +516,10 @@ def part_smoke(ctx: Ctx) -> None:
             ctx.case(f"train {backend} {precision}",
                      lambda b=backend, p=precision: _smoke_train(small, b, p), kind="train",
                      guess=5 * g)
+    if cuda:  # --compile's path once (inductor; on the CPU it is traced by the tests instead)
+        ctx.case("train grouped fp32 --compile", lambda: _smoke_train(small, "grouped", "fp32",
+                                                                     compile=True),
+                 kind="compile", guess=60)
     ctx.case("cli reproduce + checkpoint + resume", lambda: _smoke_cli(ctx),
              guess=45 if cuda or not ctx.quick else 25)
     for name in ("lsuv", "datadep", "gabor", "filterbank", "lion_dg"):
