@@ -16,7 +16,8 @@ from .. import rules
 from ..data import DatasetInvalidError, ImageData
 
 
-def _chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
+def _scaled_chunks(x: torch.Tensor, max_value: float, size: int) -> list[torch.Tensor]:
+    """x in float32 chunks of `size` images, scaled to [0, 1] by `max_value`."""
     return [x[i : i + size].to(torch.float32) / max_value for i in range(0, x.shape[0], size)]
 
 
@@ -26,7 +27,8 @@ def rule_statistics(data: ImageData, *, otsu: bool = True,
     and the foreground density d (eq. 4-5), and the mean 3×3 patch norm (eq. 6); a statistic not
     asked for is None. Fashion-MNIST: τ* 0.3809, d 0.3602 (≈ 1 s on one CPU thread)."""
     # ≈ 50 MB of unfolded 3×3 patches per chunk (9 values per pixel and channel).
-    chunks = _chunks(data.train_x, data.max_value, max(1, 1_500_000 // data.train_x[0].numel()))
+    size = max(1, 1_500_000 // data.train_x[0].numel())
+    chunks = _scaled_chunks(data.train_x, data.max_value, size)
     tau = d = norm = None
     if otsu:
         tau = rules.otsu_threshold(chunks, nbins=256)
