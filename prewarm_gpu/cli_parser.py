@@ -15,7 +15,7 @@ import torch
 from .data import DATASETS
 from .experiment.executors import EXECUTORS
 from .experiment.grid import LOSS_WINDOW, METRICS, PAPER_GRID
-from .experiment.plan import RULE_SOURCES
+from .experiment.plan import BASELINE, RULE_SOURCES
 from .methods.filterbank import VARIANTS
 from .models import BASELINES
 from .precision import PRECISIONS
@@ -166,7 +166,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
                    "fastest measured for the device (prewarm_gpu.training.backends.MEASURED)")
     p.add_argument("--compile", action="store_true",
                    help="the training step's forward (and backward) through torch.compile, "
-                   "default mode; off by default (measured no faster on the CPU)")
+                   "default mode; off by default (docs/experiments.md)")
     p.add_argument("--graphs", choices=GRAPHS, default="auto",
                    help="capture the training step once as a CUDA graph and replay it (auto: on "
                    "CUDA; a failed capture falls back to eager steps with a warning)")
@@ -230,7 +230,7 @@ def _reproduce_parser(sub) -> None:
                        "on Kaiming, and print Table 3 as Markdown.")
     r.add_argument("--dataset", nargs="+", default=["digits"], metavar="NAME",
                    help=f"{_NAMES}, or 'all' (the paper's five). Default: digits")
-    r.add_argument("--init", nargs="+", default=["kaiming", "prewarm"], metavar="NAME",
+    r.add_argument("--init", nargs="+", default=[BASELINE, "prewarm"], metavar="NAME",
                    help="initialisations; each one besides kaiming is compared paired against "
                    "kaiming (default: kaiming prewarm)")
     r.add_argument("--init-option", action="append", metavar="NAME.KEY=VALUE",
@@ -280,8 +280,8 @@ def _grid_parser(sub) -> None:
     g.add_argument("--out", type=Path, help="output folder (default: runs/grid-<dataset>)")
     _sweep_arguments(g)
     g.add_argument("--batch", dest="batch", action="store_true",
-                   help="train the runs stacked (the default on a GPU; on a CPU, one at a time "
-                   "measured faster)")
+                   help="train the runs stacked (default: on a GPU; on a CPU the runs train one "
+                   "at a time, docs/experiments.md)")
     g.set_defaults(batch=None)
 
 

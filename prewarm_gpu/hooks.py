@@ -8,6 +8,7 @@ forward call, before that forward runs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,13 +16,13 @@ import torch
 from torch import nn
 
 from .distributed import SyncOptions, synced_prewarm_, wrapper_chain
-from .prewarm import PrewarmReport
+from .prewarm import PrewarmReport, prewarm_
 
 __all__ = ["prewarm_on_first_batch", "FirstBatchPrewarm"]
 
 # prewarm_'s keywords other than the batch (checked at install, not at the first forward).
-PREWARM_OPTIONS = ("layer", "n_clusters", "n_patches", "scale", "patch_size", "raw_images",
-                   "kmeans_options", "generator")
+PREWARM_OPTIONS = tuple(name for name, p in inspect.signature(prewarm_).parameters.items()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY)
 # Rounding of x·std + mean may leave [0, 1] by this much on raw pixels; more is a wrong mean/std.
 _RAW_SLACK = 1e-4
 

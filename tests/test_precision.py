@@ -19,9 +19,10 @@ from prewarm_gpu.experiment import SweepConfig, build_arm, plan_runs
 from prewarm_gpu.methods.datadep import datadep_
 from prewarm_gpu.methods.lsuv import lsuv_
 from prewarm_gpu.models import SimpleCNN
+from prewarm_gpu.train import BACKENDS as ALL_BACKENDS
 from prewarm_gpu.train import TrainConfig, evaluate, train_batched
 
-BACKENDS = ["grouped", "vmap", "loop", "bmm"]
+BACKENDS = [b for b in ALL_BACKENDS if b != "auto"]  # every backend the trainer has
 
 
 @pytest.fixture(autouse=True)

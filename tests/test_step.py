@@ -12,11 +12,12 @@ import torch
 from prewarm_gpu.counters import count_dispatch
 from prewarm_gpu.models import SimpleCNN
 from prewarm_gpu.precision import forward_autocast
+from prewarm_gpu.train import BACKENDS as ALL_BACKENDS
 from prewarm_gpu.train import TrainConfig, cosine_lr, train_batched
 from prewarm_gpu.training.backends import make_stack
 from prewarm_gpu.training.step import GraphedStep, TrainStep, lr_table, make_runner
 
-BACKENDS = ["loop", "grouped", "vmap", "bmm"]
+BACKENDS = [b for b in ALL_BACKENDS if b != "auto"]  # every backend the trainer has
 
 
 def _models(n, size=8):

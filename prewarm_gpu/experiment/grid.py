@@ -79,7 +79,7 @@ class GridConfig(SweepConfig):
     def __post_init__(self):
         if self.out is None:
             self.out = f"runs/grid-{self.datasets[0]}" if self.datasets else "runs/grid"
-        self.inits = ["kaiming", METHOD]
+        self.inits = [BASELINE, METHOD]
         if self.batch is None:
             self.batch = torch.device(self.device).type != "cpu"
 
@@ -345,8 +345,3 @@ def grid_rule(config: GridConfig) -> dict[str, Any]:
     default Pre-Warm arm's F (SimpleCNN: 32), the value ``grid.md`` marks."""
     _, rule = rule_of(config, config.datasets[0], Arm(METHOD))
     return rule
-
-
-def rule_n_patches(config: GridConfig) -> int:
-    """The n_patches the paper's rule gives on the grid's dataset (:func:`grid_rule`)."""
-    return int(grid_rule(config)["n_patches"])

@@ -49,7 +49,7 @@ class SweepConfig:
 
     datasets: list[str] = field(default_factory=lambda: ["digits"])
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
-    inits: list[str] = field(default_factory=lambda: ["kaiming", "prewarm"])
+    inits: list[str] = field(default_factory=lambda: [BASELINE, "prewarm"])
     init_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # init → its keywords
     out: Path = Path("runs/digits")
     device: str = "cpu"

@@ -31,10 +31,10 @@ from ..stats import (
     pooled_by_seed,
     power_columns,
 )
+from .plan import BASELINE
 from .records import RESULTS, read_results
 from .report import PAPER_DELTA_ACC, is_ok
 
-BASELINE = "kaiming"
 # What must agree for two folders to measure the same thing; the rest is listed, not refused.
 MUST_MATCH = ("steps", "schedule_steps", "batch_size", "lr_start", "lr_end", "aux_weight",
               "baseline", "precision")

@@ -15,7 +15,8 @@ def check_executor(name: str, *, needed: bool = True) -> None:
     """``name`` is one of :data:`EXECUTORS` (else a ``ValueError``); with ``needed``, Ray is
     importable for ``ray`` (else an ``ImportError`` naming the extra), before any work."""
     if name not in EXECUTORS:
-        raise ValueError(f"--executor must be 'local' or 'ray', got {name!r}")
+        raise ValueError(f"--executor must be one of {', '.join(map(repr, EXECUTORS))}, "
+                         f"got {name!r}")
     if name == "ray" and needed:
         from .ray import import_ray
 
