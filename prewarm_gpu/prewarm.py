@@ -93,16 +93,13 @@ def prewarm_(
         n_clusters: filters to condition (default ⌊F/2⌋).
         n_patches: patches per image, or ``"auto"`` (eq. 5 / eq. 6 on ``raw_images``).
         scale: σ, or ``"auto"``.
-        patch_size: defaults to the kernel size; larger patches are clustered and their centroids
-            centre-cropped to the kernel (§4.3) before steps 4-5, so the written filters still
-            have std σ; smaller ones are an error.
+        patch_size: default the kernel's; larger patches' centroids are centre-cropped to the
+            kernel (§4.3) before steps 4-5 (the filters keep std σ); smaller is an error.
         raw_images: raw [0, 1] pixels for the rules (default ``images``): the same batch, or more
             images of the same (C, H, W), e.g. the whole training split; used only when
             ``n_patches="auto"``, with a warning when the values leave [0, 1].
-        kmeans_options: keywords for :class:`~prewarm_gpu.MiniBatchKMeans` other than
-            ``n_clusters``, ``init`` and ``random_state`` (default: Listing 1's ``n_init=3`` and
-            scikit-learn's defaults), e.g. ``{"loop": "device"}`` to run the GPU's sync-free loop on
-            the CPU.
+        kmeans_options: keywords for :class:`~prewarm_gpu.MiniBatchKMeans` but ``n_clusters``,
+            ``init``, ``random_state`` (default: Listing 1's ``n_init=3``, else scikit-learn's).
         generator: ``None``, an ``int`` seed or a ``torch.Generator`` on the images' device.
 
     Returns:
@@ -113,8 +110,7 @@ def prewarm_(
         >>> report = prewarm_(model, images, generator=0)  # conv1: 7×7, stride 2
     """
     _warn_if_ddp(model)
-    # images may require grad (nothing here is differentiated); an ambient autocast must not
-    # lower the float64/float32 arithmetic Pre-Warm promises.
+    # no grad (nothing is differentiated); no caller's autocast lowering the float64/32 arithmetic
     with torch.no_grad(), no_autocast():
         return _apply(resolve_prewarm(
             model, images, layer=layer, n_clusters=n_clusters, n_patches=n_patches, scale=scale,

@@ -80,8 +80,7 @@ def train_batched(
             (:meth:`prewarm_gpu.training.step.TrainStep.step`) captured once as a CUDA graph and
             replayed, else run eagerly; the same arithmetic either way.
         compile: the step's forward (and so its backward) through ``torch.compile``.
-        measured: the speed table ``auto`` reads (default: the built-in
-            :data:`~prewarm_gpu.training.backends.MEASURED`; see
+        measured: the speed table ``auto`` reads (default: the built-in ``MEASURED``; see
             :func:`~prewarm_gpu.training.backends.load_measured`).
     """
     _check_models(models, seeds, data.device)
