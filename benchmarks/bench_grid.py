@@ -63,7 +63,7 @@ def _timed(args, out: Path, mode: str) -> dict:
             "run_steps_per_s": run_steps / seconds, "runs_per_minute": 60 * len(specs) / seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--device", default="cpu")
@@ -78,17 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=None,
                    help="with --modes ray: CPUs of the local Ray (default: every core)")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    modes = list(dict.fromkeys(["one_at_a_time", *args.modes]))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    workers = None
-    if "ray" in modes:
-        import ray
+    return p.parse_args(argv)
 
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-        kind = "GPU" if torch.device(args.device).type == "cuda" else "CPU"
-        workers = int(ray.cluster_resources().get(kind, 0))
+
+def _run_reps(args: argparse.Namespace, modes: list[str]) -> list[dict]:
+    """Every repetition: each mode timed on the same data (loaded once), the order rotated."""
     data = load_dataset(args.dataset, device=args.device)
     units.load_dataset = lambda name, **k: data  # load once; the local modes read one copy
     reps = []
@@ -100,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rep {i} {name}: {rep[name]['run_steps_per_s']:.2f} run-steps/s",
                       file=sys.stderr, flush=True)
             reps.append(rep)
+    return reps
+
+
+def _blob(args: argparse.Namespace, modes: list[str], reps: list[dict],
+          workers: int | None) -> dict:
+    """The JSON: the machine, the arguments, every repetition, and the medians and ratios."""
     ratios = {f"{m}_vs_one_at_a_time": statistics.median(
         r[m]["run_steps_per_s"] / r["one_at_a_time"]["run_steps_per_s"] for r in reps)
         for m in modes if m != "one_at_a_time"}
@@ -120,6 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     if workers is not None:
         blob["ray_workers"] = workers
         blob["ray_runs_per_minute_per_worker"] = blob["ray_runs_per_minute"] / workers
+    return blob
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    modes = list(dict.fromkeys(["one_at_a_time", *args.modes]))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workers = None
+    if "ray" in modes:
+        import ray
+
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        kind = "GPU" if torch.device(args.device).type == "cuda" else "CPU"
+        workers = int(ray.cluster_resources().get(kind, 0))
+    blob = _blob(args, modes, _run_reps(args, modes), workers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(blob, indent=2) + "\n")
     print(json.dumps({k: v for k, v in blob.items() if k not in ("machine", "args", "reps")},

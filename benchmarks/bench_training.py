@@ -154,7 +154,7 @@ def _arm_seeds(seeds: list[int]) -> list[int]:
     return [s for s in seeds for _ in range(2)]
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -168,10 +168,78 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", action="store_true",
                    help="also time every backend × graphs × channels_last (× compile) variant")
     p.add_argument("--compile", action="store_true", help="with --variants: compile too")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _time_variants(data: ImageData, args: argparse.Namespace, warm: TrainConfig,
+                   cfg_cmp: TrainConfig, seeds: list[int]) -> dict[str, float]:
+    """Run-steps/s of every variant; the first call of each warms it up (and compiles), untimed."""
+    dev, out = args.device, {}
+    for v in variants(dev, args.compile):
+        opts = {k: v[k] for k in ("graphs", "channels_last", "compile")}
+        run_batched(data, replace(warm, steps=4), seeds[:1], args.precision, v["backend"], **opts)
+        t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, v["backend"], **opts)
+        out[variant_name(v)] = 2 * len(seeds) * cfg_cmp.steps / t
+    return out
+
+
+def _time_dataset(name: str, args: argparse.Namespace, seeds: list[int],
+                  sizes: dict[str, tuple[int, int]]) -> dict:
+    """One dataset's row: (a), (b), (c) side by side, each backend, and the whole sweep."""
+    dev = args.device
+    cmp_steps = args.compare_steps or args.steps
+    data = synthetic(name, *sizes[name], dev)
+    base = TrainConfig(lr_start=data.spec.lr_start, lr_end=data.spec.lr_end, eval_points=1,
+                       loss_points=10)
+    cfg_cmp = replace(base, steps=cmp_steps, loss_points=min(10, cmp_steps))
+    runs = 2 * len(seeds)
+    row = {"runs": runs, "compare_steps": cmp_steps}
+    if is_cuda(dev):
+        torch.cuda.reset_peak_memory_stats(dev)
+    # Side by side on the same runs and steps: (a) and (b) one run at a time, (c) batched.
+    # Warm-up (cuDNN autotuning, allocator) excluded: one short run of each first.
+    # Model construction is inside the timings, the same for all three.
+    warm = replace(cfg_cmp, steps=2, loss_points=1)
+    run_paper_style(data, warm, seeds[:1])
+    run_single(data, warm, seeds[:1])
+    run_batched(data, warm, seeds[:1], args.precision)
+    t_a = timed(run_paper_style, dev, data, cfg_cmp, seeds)
+    t_b = timed(run_single, dev, data, cfg_cmp, seeds)
+    t_c = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision)
+    images = runs * cmp_steps * base.batch_size
+    # Each backend on the same runs and steps: the figures prewarm_gpu.train.MEASURED holds.
+    speeds = {}
+    for backend in BACKENDS[1:]:
+        run_batched(data, warm, seeds[:1], args.precision, backend)
+        t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, backend)
+        speeds[backend] = runs * cmp_steps / t
+    row["backend_run_steps_s"] = speeds
+    if args.variants:
+        row["variant_run_steps_s"] = _time_variants(data, args, warm, cfg_cmp, seeds)
+    row.update({"paper_style_s": t_a, "single_run_s": t_b, "batched_s": t_c,
+                "paper_style_img_s": images / t_a, "single_run_img_s": images / t_b,
+                "batched_img_s": images / t_c, "batched_vs_paper_style": t_a / t_c,
+                "batched_vs_single_run": t_b / t_c})
+    # The whole sweep for this dataset, batched.
+    if args.steps != cmp_steps:
+        t_sweep = timed(run_batched, dev, data, replace(base, steps=args.steps), seeds,
+                        args.precision)
+    else:
+        t_sweep = t_c
+    row["sweep_steps"] = args.steps
+    row["sweep_batched_s"] = t_sweep
+    if is_cuda(dev):
+        row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    print(f"{name}: (a) {t_a:.2f}s (b) {t_b:.2f}s (c) {t_c:.2f}s for {runs} runs × "
+          f"{cmp_steps} steps; batched {t_a / t_c:.1f}× paper-style, "
+          f"{t_b / t_c:.2f}× single-run; sweep {t_sweep:.2f}s", file=sys.stderr)
+    return row
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
     dev = args.device
     seeds = SEEDS[: args.seeds]
-    cmp_steps = args.compare_steps or args.steps
     sizes = FULL if args.size == "full" else TINY
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -182,60 +250,9 @@ def main(argv=None) -> dict:
     }
     sweep_seconds = 0.0
     for name in args.datasets:
-        data = synthetic(name, *sizes[name], dev)
-        base = TrainConfig(lr_start=data.spec.lr_start, lr_end=data.spec.lr_end, eval_points=1,
-                           loss_points=10)
-        cfg_cmp = replace(base, steps=cmp_steps, loss_points=min(10, cmp_steps))
-        runs = 2 * len(seeds)
-        row = {"runs": runs, "compare_steps": cmp_steps}
-        if is_cuda(dev):
-            torch.cuda.reset_peak_memory_stats(dev)
-        # Side by side on the same runs and steps: (a) and (b) one run at a time, (c) batched.
-        # Warm-up (cuDNN autotuning, allocator) excluded: one short run of each first.
-        # Model construction is inside the timings, the same for all three.
-        warm = replace(cfg_cmp, steps=2, loss_points=1)
-        run_paper_style(data, warm, seeds[:1])
-        run_single(data, warm, seeds[:1])
-        run_batched(data, warm, seeds[:1], args.precision)
-        t_a = timed(run_paper_style, dev, data, cfg_cmp, seeds)
-        t_b = timed(run_single, dev, data, cfg_cmp, seeds)
-        t_c = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision)
-        images = runs * cmp_steps * base.batch_size
-        # Each backend on the same runs and steps: the figures prewarm_gpu.train.MEASURED holds.
-        speeds = {}
-        for backend in BACKENDS[1:]:
-            run_batched(data, warm, seeds[:1], args.precision, backend)
-            t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, backend)
-            speeds[backend] = runs * cmp_steps / t
-        row["backend_run_steps_s"] = speeds
-        if args.variants:  # the first call of each warms it up (and compiles), untimed
-            row["variant_run_steps_s"] = {}
-            for v in variants(dev, args.compile):
-                opts = {k: v[k] for k in ("graphs", "channels_last", "compile")}
-                run_batched(data, replace(warm, steps=4), seeds[:1], args.precision,
-                            v["backend"], **opts)
-                t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, v["backend"],
-                          **opts)
-                row["variant_run_steps_s"][variant_name(v)] = runs * cmp_steps / t
-        row.update({"paper_style_s": t_a, "single_run_s": t_b, "batched_s": t_c,
-                    "paper_style_img_s": images / t_a, "single_run_img_s": images / t_b,
-                    "batched_img_s": images / t_c, "batched_vs_paper_style": t_a / t_c,
-                    "batched_vs_single_run": t_b / t_c})
-        # The whole sweep for this dataset, batched.
-        if args.steps != cmp_steps:
-            t_sweep = timed(run_batched, dev, data, replace(base, steps=args.steps), seeds,
-                            args.precision)
-        else:
-            t_sweep = t_c
-        row["sweep_steps"] = args.steps
-        row["sweep_batched_s"] = t_sweep
-        sweep_seconds += t_sweep
-        if is_cuda(dev):
-            row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        row = _time_dataset(name, args, seeds, sizes)
+        sweep_seconds += row["sweep_batched_s"]
         result["datasets"][name] = row
-        print(f"{name}: (a) {t_a:.2f}s (b) {t_b:.2f}s (c) {t_c:.2f}s for {runs} runs × "
-              f"{cmp_steps} steps; batched {t_a / t_c:.1f}× paper-style, "
-              f"{t_b / t_c:.2f}× single-run; sweep {t_sweep:.2f}s", file=sys.stderr)
     result["sweep_batched_total_s"] = sweep_seconds
     # Run-steps/s per backend, averaged over the datasets: load into the choice of --backend auto
     # with prewarm_gpu.train.load_measured(this JSON), passed as measured=.

@@ -17,8 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def suite():
     spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    spec.loader.exec_module(mod)  # puts benchmarks/ on sys.path: its parts import as below
     return mod
+
+
+@pytest.fixture(scope="module")
+def parts(suite):
+    """The suite's modules, where the names not read by the entry point live."""
+    import gpu_suite_parts.core
+    import gpu_suite_parts.measure
+    import gpu_suite_parts.smoke
+    import gpu_suite_parts.summary
+    import gpu_suite_parts.training
+
+    return gpu_suite_parts
 
 
 def _read(out: Path) -> dict:
@@ -36,7 +48,7 @@ def _fake_part(name, seconds=0.0):
 
 
 def test_a_part_that_raises_is_recorded_and_the_others_still_run_and_are_written(
-        suite, tmp_path, monkeypatch, capsys):
+        suite, parts, tmp_path, monkeypatch, capsys):
     def broken(ctx):
         ctx.case("fine", lambda: {"value": 2}, guess=0)
         raise ValueError("boom in prewarm")
@@ -45,13 +57,13 @@ def test_a_part_that_raises_is_recorded_and_the_others_still_run_and_are_written
     fakes["prewarm"] = broken
     monkeypatch.setattr(suite, "PART_FNS", fakes)
     seen = []  # the JSON on disk after every write
-    real_write = suite.write_atomic
+    real_write = parts.core.write_atomic
 
     def write(path, data):
         real_write(path, data)
         seen.append(json.loads(Path(path).read_text()))  # valid JSON every time
 
-    monkeypatch.setattr(suite, "write_atomic", write)
+    monkeypatch.setattr(parts.core, "write_atomic", write)
     code = suite.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
 
     assert code == 1
@@ -108,32 +120,33 @@ def test_sigterm_records_the_case_in_flight_and_still_writes(suite, tmp_path, mo
 # --- the budget -----------------------------------------------------------------------------------
 
 
-def test_part_share_gives_parts_in_order_what_they_want_then_grows_them(suite):
-    share = suite.part_share
+def test_part_share_gives_parts_in_order_what_they_want_then_grows_them(parts):
+    share = parts.core.part_share
     assert share(100, [60, 90, 25]) == 60  # short: the first part gets all it wants
     assert share(30, [60, 90]) == 30  # shorter than it wants: all there is
     assert share(350, [60, 90, 25]) == pytest.approx(120)  # 2× what all want: 2× each
     assert share(0, [60]) == 0
 
 
-def test_training_sizes_fill_the_comparison_then_the_sweep(suite):
+def test_training_sizes_fill_the_comparison_then_the_sweep(parts):
     cost = {"overhead": 10.0, "per_compare": 0.3, "per_sweep": 0.02}
-    assert suite.training_sizes(12.0, cost) is None  # 10 compare steps need 13 s
-    assert suite.training_sizes(25.0, cost) == (50, 50)  # 15 s: 50 steps, no room for a sweep
-    c, s = suite.training_sizes(60.0, cost)
+    sizes = parts.training.training_sizes
+    assert sizes(12.0, cost) is None  # 10 compare steps need 13 s
+    assert sizes(25.0, cost) == (50, 50)  # 15 s: 50 steps, no room for a sweep
+    c, s = sizes(60.0, cost)
     assert c == 100 and s == 1000  # 10 + 30 + 0.02·1000 = 60
     assert 10 + 0.3 * c + 0.02 * s <= 60.0
 
 
-def test_the_training_cost_model_is_refitted_from_a_bench_training_row(suite):
+def test_the_training_cost_model_is_refitted_from_a_bench_training_row(parts):
     row = {"runs": 16, "compare_steps": 100, "sweep_steps": 1000, "paper_style_s": 16.0,
            "single_run_s": 5.0, "batched_s": 2.0, "sweep_batched_s": 20.0,
            "backend_run_steps_s": {"grouped": 800.0, "vmap": 800.0, "loop": 400.0}}
-    cost = suite._train_cost(row, seconds=60.0)
+    cost = parts.training._train_cost(row, seconds=60.0)
     # compare: 16 + 5 + 2 + 1600/800 + 1600/800 + 1600/400 = 31 s over 100 steps
     assert cost == pytest.approx({"per_compare": 0.31, "per_sweep": 0.02, "overhead": 9.0})
     same = {**row, "sweep_steps": 100, "sweep_batched_s": 2.0}  # the sweep was the comparison
-    assert suite._train_cost(same, seconds=40.0) == pytest.approx(
+    assert parts.training._train_cost(same, seconds=40.0) == pytest.approx(
         {"per_compare": 0.31, "per_sweep": 0.02, "overhead": 9.0})
 
 
@@ -227,22 +240,22 @@ def _events_with_activity_type():
                             name="my_range")]
 
 
-def test_the_launch_counter_counts_kernels_not_copies_or_fills(suite):
+def test_the_launch_counter_counts_kernels_not_copies_or_fills(parts):
     events = _events_with_activity_type()
-    counts = suite.count_device_events(events)
+    counts = parts.measure.count_device_events(events)
     assert counts == {"kernel": 2, "memcpy": 1, "memset": 1, "other": 1}
     # The old count, every event on the CUDA device, was 5.
     assert sum(e.device_type == CUDA for e in events) == 5
 
 
-def test_the_launch_counter_reads_names_when_events_carry_no_activity_type(suite):
+def test_the_launch_counter_reads_names_when_events_carry_no_activity_type(parts):
     events = [SimpleNamespace(device_type=e.device_type, name=e.name)
               for e in _events_with_activity_type()[:6]]
-    assert suite.count_device_events(events) == {"kernel": 2, "memcpy": 1, "memset": 1,
+    assert parts.measure.count_device_events(events) == {"kernel": 2, "memcpy": 1, "memset": 1,
                                                  "other": 0}
 
 
-def test_the_launch_counter_on_torch_function_events(suite):
+def test_the_launch_counter_on_torch_function_events(parts):
     from torch.autograd.profiler_util import FunctionEvent
 
     def ev(i, name, device_type, **kw):
@@ -257,20 +270,20 @@ def test_the_launch_counter_on_torch_function_events(suite):
               ev(1, "ampere_sgemm_32x32", CUDA, activity_type="kernel"),
               ev(2, "Memcpy HtoD (Pageable -> Device)", CUDA, activity_type="gpu_memcpy"),
               ev(3, "Memset (Device)", CUDA, activity_type="gpu_memset")]
-    assert suite.count_device_events(events) == {"kernel": 1, "memcpy": 1, "memset": 1,
+    assert parts.measure.count_device_events(events) == {"kernel": 1, "memcpy": 1, "memset": 1,
                                                  "other": 0}
 
 
 # --- the JSON's tables ---------------------------------------------------------------------------
 
 
-def test_the_training_part_writes_the_table_auto_reads(suite, tmp_path):
+def test_the_training_part_writes_the_table_auto_reads(parts, tmp_path):
     from prewarm_gpu.train import MEASURED, load_measured
 
     rows = {"mnist": {"status": "ok", "backend_run_steps_s": {"grouped": 3.0, "loop": 5.0}},
             "cifar10": {"status": "ok", "backend_run_steps_s": {"grouped": 1.0, "loop": 1.0}},
             "svhn": {"status": "skipped", "reason": "time"}}
-    table = suite._measured(rows, "cpu-test")
+    table = parts.training._measured(rows, "cpu-test")
     assert table == {"cpu-test": {"grouped": 2.0, "loop": 3.0}}
     path = tmp_path / "suite.json"
     path.write_text(json.dumps({"training": {"measured": table}}))
@@ -279,16 +292,16 @@ def test_the_training_part_writes_the_table_auto_reads(suite, tmp_path):
     assert {k: dict(v) for k, v in MEASURED.items()} == before  # a new table; the built-in stays
 
 
-def test_error_record_keeps_type_message_and_the_traceback_tail(suite):
+def test_error_record_keeps_type_message_and_the_traceback_tail(parts):
     try:
         raise KeyError("missing thing")
     except KeyError as e:
-        rec = suite.error_record(e, lines=3)
+        rec = parts.core.error_record(e, lines=3)
     assert rec["type"] == "KeyError" and "missing thing" in rec["message"]
     assert len(rec["traceback"]) == 3 and "KeyError" in rec["traceback"][-1]
 
 
-def test_summary_is_short_and_names_gpu_torch_commit_and_each_part(suite):
+def test_summary_is_short_and_names_gpu_torch_commit_and_each_part(parts):
     res = {"device_name": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "commit": "abc1234",
            "date": "2026-12-04", "budget_s": 420.0, "elapsed_s": 400.0, "status": "failed",
            "parts": {"smoke": {"status": "ok", "seconds": 40.0},
@@ -296,7 +309,7 @@ def test_summary_is_short_and_names_gpu_torch_commit_and_each_part(suite):
                                "error": {"type": "TimeoutError"}},
                      "prewarm": {"status": "skipped", "reason": "needs >= 4 s"}},
            "smoke": {"a": {"status": "ok"}, "b": {"status": "ok"}}}
-    text = suite.summary(res)
+    text = parts.summary.summary(res)
     lines = text.splitlines()
     assert "NVIDIA H200" in lines[0] and "torch 2.11.0" in lines[0] and "abc1234" in lines[0]
     assert "| smoke | ok | 40.0 | 2/2 cases passed |" in text
@@ -305,33 +318,34 @@ def test_summary_is_short_and_names_gpu_torch_commit_and_each_part(suite):
     assert len(lines) <= 4 + len(res["parts"]) and max(map(len, lines)) < 300
 
 
-def test_the_loops_agree_check_fails_on_different_steps_or_centres(suite):
+def test_the_loops_agree_check_fails_on_different_steps_or_centres(parts):
     def fit(steps, shift=0.0):
         return SimpleNamespace(cluster_centers_=torch.zeros(4, 3) + shift, n_steps_=steps)
 
-    assert suite._smoke_loops_agree({"device": fit(20), "host": fit(20, 1e-6)})["n_steps"] == 20
+    agree = parts.smoke._smoke_loops_agree
+    assert agree({"device": fit(20), "host": fit(20, 1e-6)})["n_steps"] == 20
     with pytest.raises(AssertionError, match="device loop 20 steps, host loop 21"):
-        suite._smoke_loops_agree({"device": fit(20), "host": fit(21)})
+        agree({"device": fit(20), "host": fit(21)})
     with pytest.raises(AssertionError, match="max"):
-        suite._smoke_loops_agree({"device": fit(20), "host": fit(20, 1e-3)})
+        agree({"device": fit(20), "host": fit(20, 1e-3)})
     with pytest.raises(RuntimeError, match="only the \\['device'\\] loop"):
-        suite._smoke_loops_agree({"device": fit(20)})
+        agree({"device": fit(20)})
 
 
-def test_smoke_trains_every_backend_in_every_precision(suite):
+def test_smoke_trains_every_backend_in_every_precision(parts):
     """The smoke part names a case for each training backend (bmm included) in each precision."""
     from prewarm_gpu.train import BACKENDS, PRECISIONS
 
     names: list[str] = []
     ctx = SimpleNamespace(dev=torch.device("cpu"), quick=True,
                           case=lambda name, fn, **kw: names.append(name))
-    suite.part_smoke(ctx)
+    parts.smoke.part_smoke(ctx)
     for backend in BACKENDS:
         for precision in PRECISIONS if backend != "auto" else ("fp32",):
             assert f"train {backend} {precision}" in names
 
 
-def test_pytest_counts_read_a_cut_verbose_log(suite):
+def test_pytest_counts_read_a_cut_verbose_log(parts):
     log = ("tests/test_a.py::test_x PASSED  [ 33%]\ntests/test_a.py::test_y[cuda] FAILED [ 66%]\n"
            "tests/test_b.py::test_z SKIPPED (needs a CUDA device) [100%]\n")
-    assert suite._pytest_counts(log) == {"passed": 1, "failed": 1, "skipped": 1}
+    assert parts.measure._pytest_counts(log) == {"passed": 1, "failed": 1, "skipped": 1}
