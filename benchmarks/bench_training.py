@@ -69,6 +69,16 @@ def models_for(data: ImageData, seeds: list[int]) -> list[torch.nn.Module]:
     return out
 
 
+def measured(rows, device_type: str) -> dict[str, dict[str, float]]:
+    """Run-steps/s per backend averaged over the dataset rows that have them: the table
+    ``prewarm_gpu.train.load_measured`` reads (this script's ``measured``, the GPU suite's
+    ``training.measured``), for ``choose_backend("auto", ...)``."""
+    speeds = [r["backend_run_steps_s"] for r in rows if "backend_run_steps_s" in r]
+    if not speeds:
+        return {}
+    return {device_type: {b: sum(s[b] for s in speeds) / len(speeds) for b in speeds[0]}}
+
+
 def is_cuda(device: str | torch.device) -> bool:
     """Whether ``device`` is a CUDA device ("cuda", "cuda:1", ``torch.device("cuda", 0)``): its
     kernels are queued, so timings must synchronise."""
@@ -136,7 +146,7 @@ def variants(device: str, compile: bool) -> list[dict]:
     """Every (backend × graphs × channels_last × compile) combination worth timing here: graphs
     only on CUDA, compile only when asked (its first call compiles for tens of seconds)."""
     out = []
-    for backend in BACKENDS[1:]:
+    for backend in (b for b in BACKENDS if b != "auto"):
         for graphs in (("off", "on") if is_cuda(device) else ("off",)):
             for channels_last in (False, True):
                 for comp in ((False, True) if compile else (False,)):
@@ -209,7 +219,7 @@ def _time_dataset(name: str, args: argparse.Namespace, seeds: list[int],
     images = runs * cmp_steps * base.batch_size
     # Each backend on the same runs and steps: the figures prewarm_gpu.train.MEASURED holds.
     speeds = {}
-    for backend in BACKENDS[1:]:
+    for backend in (b for b in BACKENDS if b != "auto"):
         run_batched(data, warm, seeds[:1], args.precision, backend)
         t = timed(run_batched, dev, data, cfg_cmp, seeds, args.precision, backend)
         speeds[backend] = runs * cmp_steps / t
@@ -254,11 +264,7 @@ def main(argv=None) -> dict:
         sweep_seconds += row["sweep_batched_s"]
         result["datasets"][name] = row
     result["sweep_batched_total_s"] = sweep_seconds
-    # Run-steps/s per backend, averaged over the datasets: load into the choice of --backend auto
-    # with prewarm_gpu.train.load_measured(this JSON), passed as measured=.
-    rows = [r["backend_run_steps_s"] for r in result["datasets"].values()]
-    result["measured"] = {torch.device(dev).type: {
-        b: sum(r[b] for r in rows) / len(rows) for b in rows[0]}} if rows else {}
+    result["measured"] = measured(result["datasets"].values(), torch.device(dev).type)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -24,7 +24,8 @@ from .training.step import GRAPHS
 
 __all__ = ["build_parser", "parse_init_options", "SEED_RANGE"]
 
-SUMMARY = "prewarm-gpu: reproduce the paper's experiment, or print a dataset's Pre-Warm statistics."
+DESCRIPTION = ("prewarm-gpu: reproduce the paper's experiment, or print a dataset's Pre-Warm "
+               "statistics.")
 _NAMES = ", ".join(DATASETS)
 
 _DATA_DIR_HELP = ("where the dataset's files are: torchvision's layout, or MNIST-style idx files "
@@ -215,7 +216,7 @@ def _sweep_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """``prewarm-gpu`` and its subcommands: reproduce, grid, stats, report, filterbank build."""
-    p = argparse.ArgumentParser(prog="prewarm-gpu", description=SUMMARY,
+    p = argparse.ArgumentParser(prog="prewarm-gpu", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_reproduce_parser, _grid_parser, _stats_parser, _report_parser,

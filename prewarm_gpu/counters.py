@@ -95,8 +95,8 @@ def count_dispatch():
     and is undone on exit, exceptions included: the class's own dictionary is left exactly as it
     was (a name that was inherited is deleted again, not shadowed by a copy of the original).
     Nothing outside this context manager touches ``torch.Tensor``; importing this module patches
-    nothing. A development tool (the tests and ``benchmarks/gpu_suite.py`` use it), never called
-    by the library itself.
+    nothing. A development tool (the tests and the GPU suite's ``gpu_suite_parts/measure.py``
+    use it), never called by the library itself.
     """
     mode = DispatchCount()
     own = torch.Tensor.__dict__

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import find_conv
+from .layers import conv_label, find_conv
 from .prewarm import PrewarmReport, prewarm_
 
 __all__ = ["prewarm_distributed_", "DistributedPrewarmReport", "DistributedPrewarmError",
@@ -86,7 +86,7 @@ def check_not_sharded(model: nn.Module, conv: nn.Conv2d, name: str) -> None:
     dtensor = _dtensor_type()
     how = ("call prewarm_ / prewarm_distributed_ before sharding the model (fully_shard, "
            "FSDP, parallelize_module); the sharding then distributes the conditioned filters")
-    label = f"conv {name!r}" if name else "the conv"
+    label = conv_label(name)
     if dtensor is not None and isinstance(conv.weight, dtensor):
         raise ValueError(f"{label}'s weight is a sharded DTensor (FSDP2 or tensor parallel); "
                          + how)
@@ -197,9 +197,7 @@ def prewarm_distributed_(
             ``torch.distributed`` is initialised).
         src: global rank that computes, with ``sync="broadcast"``.
         sync: ``"broadcast"`` or ``"compute"``.
-        **options: :func:`~prewarm_gpu.prewarm_`'s keywords (``layer``, ``n_clusters``,
-            ``n_patches``, ``scale``, ``patch_size``, ``raw_images``, ``kmeans_options``,
-            ``generator``).
+        **options: :func:`~prewarm_gpu.prewarm_`'s keywords.
 
     Returns:
         A :class:`DistributedPrewarmReport`: ``prewarm_``'s report (``src``'s on every rank with

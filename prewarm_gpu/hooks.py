@@ -17,10 +17,12 @@ from torch import nn
 
 from .distributed import SyncOptions, synced_prewarm_, wrapper_chain
 from .prewarm import PrewarmReport, prewarm_
+from .prewarm_plan import _value_range
 
 __all__ = ["prewarm_on_first_batch", "FirstBatchPrewarm"]
 
-# prewarm_'s keywords other than the batch (checked at install, not at the first forward).
+# prewarm_'s keywords other than the batch: their names are checked at install, their values
+# by prewarm_ at the first forward.
 PREWARM_OPTIONS = tuple(name for name, p in inspect.signature(prewarm_).parameters.items()
                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
 # Rounding of x·std + mean may leave [0, 1] by this much on raw pixels; more is a wrong mean/std.
@@ -88,7 +90,7 @@ class FirstBatchPrewarm:
         shape = (1, C, 1, 1)
         std = self._std.to(x.device, x.dtype).view(shape)
         raw = x.detach() * std + self._mean.to(x.device, x.dtype).view(shape)
-        lo, hi = torch.stack(torch.aminmax(raw)).tolist()
+        lo, hi = _value_range(raw)
         if -_RAW_SLACK <= lo and hi <= 1 + _RAW_SLACK:
             raw.clamp_(0, 1)
         return raw  # else out of [0, 1]: prewarm_ warns that mean/std do not give raw pixels
@@ -144,7 +146,8 @@ def prewarm_on_first_batch(
         input: which argument of the forward call holds the images: a position or a keyword.
         mean, std: per-channel standardisation to undo for the rules; both or neither.
         process_group, src, sync, **options: as :func:`~prewarm_gpu.prewarm_distributed_`
-            (every rank installs the hook); the options are checked here, at install.
+            (every rank installs the hook); the option names are checked here, at install,
+            their values at the first forward.
 
     Returns:
         A :class:`FirstBatchPrewarm`: ``.report`` (None until the first forward), ``.pending``,

@@ -326,7 +326,7 @@ class MiniBatchKMeans:
         return float(self._init_inertia)
 
     def _run(self, X: torch.Tensor, centres: torch.Tensor, g: torch.Generator,
-             p: _LoopParams, runner: _Runner | None = None) -> tuple[torch.Tensor, int]:
+             p: _LoopParams, runner: _Runner) -> tuple[torch.Tensor, int]:
         """The mini-batch loop from ``centres`` (k, d); returns the final centres and the steps.
 
         Chunks of ``sync_every`` steps: indices drawn at once and the batches gathered, then
@@ -336,7 +336,6 @@ class MiniBatchKMeans:
         """
         n, d = X.shape
         dev = X.device
-        runner = runner or _Runner(False)
         budget = (int(self.max_iter) * n) // p.batch
         S = int(self.sync_every)
         look_every = 1 if _resolve_loop(self.loop) == "host" else S

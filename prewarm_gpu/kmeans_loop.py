@@ -181,7 +181,6 @@ def _chunk_steps(state, xs, xts, cands, x_sq, weights, p, skip, first):
     return (T, c, c_sq, since, carry), tuple(hist), stop_at
 
 
-
 def _ewa_weights(S: int, alpha: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, L) with ``ewa = P·e₀ + L @ b``: the EWA recurrence ``e_t = (1-α) e_{t-1} + α b_t`` over S
     steps in closed form, ``P_t = (1-α)^(t+1)``, ``L_ts = α (1-α)^(t-s)`` for s ≤ t."""
@@ -227,7 +226,6 @@ def _stop_rule(b: torch.Tensor, carry: tuple, p: _LoopParams, first: bool, weigh
     if p.tol > 0:
         stop = stop | (moved <= p.tol)
     return stop, (e[-1], prev_min[-1], last_new[-1] - S)
-
 
 
 def _looks(budget: int, S: int, look_every: int):

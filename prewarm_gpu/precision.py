@@ -139,10 +139,10 @@ def forward_autocast(precision: str, device: torch.device):
 
     A fresh region per forward, with its weight-cast cache off: autocast casts each fp32 weight
     once and reuses the copy until the *outermost* region exits, so one region around the whole
-    step loop (as before) trained on the step-0 bf16 weights forever (the loop backend learnt
-    nothing; the grouped one froze its convolutions). The trainer's own autocast-off region is
-    outermost here, so only a disabled cache keeps each forward on the current weights. The
-    backward pass and Adam run outside, as PyTorch recommends. Cost, measured on the 2-core CPU
+    step loop would train on the step-0 bf16 weights forever (the loop backend would learn
+    nothing; the grouped one would freeze its convolutions). The trainer's own autocast-off
+    region is outermost here, so only a disabled cache keeps each forward on the current weights.
+    The backward pass and Adam run outside, as PyTorch recommends. Cost, measured on the 2-core CPU
     (2 runs × 150 digits steps, loop backend, one thread, min of 3): 7.4 s with the cache off,
     6.5–6.9 s with a per-step region and the cache on, which is correct only where no caller's
     autocast region encloses the trainer.

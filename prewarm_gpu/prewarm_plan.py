@@ -82,7 +82,7 @@ def plan_prewarm(conv: nn.Conv2d, name: str, batch_shape: tuple[int, int, int, i
                  kmeans_options: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
                  listing1: bool = False) -> PrewarmPlan:
-    """Every check of :func:`prewarm_` that needs no pixel value, and what follows from them.
+    """Every check of :func:`~prewarm_gpu.prewarm_` that needs no pixel value, and what follows.
 
     For the target ``conv`` (named ``name``, found and checked by the caller: ``layers.find_conv``
     and ``_check_target``) and a batch of ``batch_shape`` (B, C, H, W): ``patch_size`` against

@@ -90,16 +90,7 @@ def part_training(ctx: Ctx) -> None:
                     cost = _train_cost(row, time.perf_counter() - t)
                 except (KeyError, TypeError, ZeroDivisionError) as e:  # keep the last model
                     ctx.data["cost_model_error"] = error_record(e, 3)
-            ctx.data["measured"] = _measured(ctx.data["datasets"], dev)
+            ctx.data["measured"] = bench_training.measured(ctx.data["datasets"].values(), dev)
             ctx.suite.save()
-
-
-def _measured(rows: dict[str, dict], dev: str) -> dict[str, dict[str, float]]:
-    """Run-steps/s per backend, averaged over the datasets measured: the table
-    ``prewarm_gpu.train.load_measured`` reads (``result["training"]["measured"]``)."""
-    speeds = [r["backend_run_steps_s"] for r in rows.values() if "backend_run_steps_s" in r]
-    if not speeds:
-        return {}
-    return {dev: {b: sum(s[b] for s in speeds) / len(speeds) for b in speeds[0]}}
 
 

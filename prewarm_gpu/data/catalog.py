@@ -60,7 +60,6 @@ def canonical_name(name: str) -> str:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or 'all')")
 
 
-
 def cause(e: BaseException) -> str:
     """An exception as ``Type: message`` (an ``assert`` of a parser has no message)."""
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -85,7 +85,6 @@ def make_record(spec: RunSpec, r: TrainResult, report: dict, init_seconds,
     }
 
 
-
 def trained_models(out: str | os.PathLike, dataset: str | None = None,
                    init: str | None = None) -> list[Path]:
     """The ``models/<dataset>-<init>-<seed>.pt`` files of an output folder (:func:`model_path`'s
@@ -99,8 +98,6 @@ def trained_models(out: str | os.PathLike, dataset: str | None = None,
         if (dataset is None or ds == dataset) and (init is None or ini == init):
             picked.append(f)
     return picked
-
-
 
 
 def build_bank_from_runs(run_dir: str | os.PathLike, *, dataset: str | None = None,
@@ -289,7 +286,6 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 def latest_by_key(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Last record per key (a retried failed run supersedes the failure)."""
     return {r["key"]: r for r in records}
-
 
 
 def is_done(rec: dict[str, Any] | None, retry_failed: bool) -> bool:

@@ -30,8 +30,8 @@ __all__ = ["Job", "load_data", "run_group", "run_one", "run_batch", "CheckpointP
 
 @dataclass(frozen=True)
 class Job:
-    """What the units of work and the executors read of a sweep, built once by
-    :func:`.engine.execute` from the sweep's configuration (each field is the
+    """What the units of work and the executors read of a sweep, built by
+    :func:`.engine.job_of` from the sweep's configuration (each field is the
     :class:`~.plan.SweepConfig` field of the same name); a Ray worker is sent this."""
 
     out: Path  # the output folder: checkpoints and model files go under it

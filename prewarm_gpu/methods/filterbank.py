@@ -185,9 +185,9 @@ def pool_kernels(sources: Iterable[Source], *, n_clusters: int = 3,
         if missing:
             raise ValueError(f"layers {missing} are not convs (k > 1) of the given models; "
                              f"found {sorted(pooled)}")
+        if not layers:
+            raise ValueError(f"layers selects no conv; the given models have {sorted(pooled)}")
         pooled = {n: pooled[n] for n in layers}
-    if not pooled:
-        raise ValueError("the given models have no conv layer with a kernel larger than 1×1")
     for name, ks in pooled.items():
         sizes = {tuple(k.shape[1:]) for k in ks}
         if len(sizes) > 1:

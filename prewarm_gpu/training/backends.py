@@ -7,8 +7,8 @@ builds the chosen stack.
 
 The speed table is data passed in, never a global that changes: :data:`MEASURED` is the built-in
 table (read-only), and :func:`load_measured` returns a new table (the built-in one updated by a
-benchmark's JSON) for the caller to pass to :func:`choose_backend` or
-:func:`prewarm_gpu.training.loop.train_batched` as ``measured=``.
+benchmark's JSON) for the caller to pass to :func:`choose_backend`, whose pick then goes to
+:func:`prewarm_gpu.training.loop.train_batched` as ``backend=``.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ MEASURED: Speeds = MappingProxyType({
 })
 
 
-def load_measured(path: str, base: Speeds = MEASURED) -> dict[str, dict[str, float]]:
-    """``base`` (default: :data:`MEASURED`) updated by a ``bench_training.py`` (or GPU suite)
-    JSON's ``measured`` table (run-steps/s per device type and backend), as a new table; ``base``
-    is unchanged. Pass the result as ``measured=`` to make ``auto`` use it."""
+def load_measured(path: str) -> dict[str, dict[str, float]]:
+    """:data:`MEASURED` updated by a ``bench_training.py`` (or GPU suite) JSON's ``measured``
+    table (run-steps/s per device type and backend), as a new table (``MEASURED`` is
+    unchanged): pass it to :func:`choose_backend`, and the name it picks as ``backend=``."""
     with open(path) as f:
         blob = json.load(f)
     table = blob.get("measured") or (blob.get("training") or {}).get("measured")
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{path} has no 'measured' table of run-steps/s per backend")
-    merged = {device_type: dict(speeds) for device_type, speeds in base.items()}
+    merged = {device_type: dict(speeds) for device_type, speeds in MEASURED.items()}
     for device_type, speeds in table.items():
         unknown = set(speeds) - set(BACKENDS)
         if unknown:
@@ -86,11 +86,10 @@ def choose_backend(backend: str, models: list[nn.Module], device: torch.device,
 
 
 def make_stack(backend: str, models: list[nn.Module], device: torch.device,
-               channels_last: bool | None = None, image_size: tuple[int, int] | None = None,
-               measured: Speeds = MEASURED):
+               channels_last: bool | None = None, image_size: tuple[int, int] | None = None):
     """The stack for ``backend`` (see :func:`choose_backend`); ``channels_last`` defaults to
     True on the CPU, where it pays; ``image_size`` (H, W) is the data's (the bmm stack needs it)."""
-    backend = choose_backend(backend, models, device, measured)
+    backend = choose_backend(backend, models, device)
     if backend == "bmm":
         return BmmStack(models, image_size)
     if channels_last is None:

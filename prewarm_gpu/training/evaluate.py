@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from ..data import ImageData
-from ..precision import forward_autocast
 
-__all__ = ["evaluate", "accuracies", "stack_accuracies"]
+__all__ = ["evaluate", "accuracies"]
 
 
 @torch.no_grad()
@@ -32,13 +31,6 @@ def accuracies(logits_of: Callable[[torch.Tensor], torch.Tensor], data: ImageDat
         hits = (logits.argmax(-1) == data.test_y[i : i + batch_size]).sum(1)
         correct = hits if correct is None else correct + hits
     return (correct.double() / data.test_x.shape[0]).tolist()
-
-
-def stack_accuracies(stack, data: ImageData, batch_size: int, precision: str) -> list[float]:
-    """Test accuracy of every run of a stack (eval mode: running statistics, no buffer updates),
-    in the runs' precision."""
-    return accuracies(stack.eval_logits, data, batch_size,
-                      lambda: forward_autocast(precision, data.device))
 
 
 def evaluate(model: nn.Module, data: ImageData, batch_size: int = 2048) -> float:

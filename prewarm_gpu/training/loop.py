@@ -27,10 +27,10 @@ from torch import nn
 
 from ..data import EpochStream, ImageData
 from ..precision import PRECISIONS, float32_mode, float32_scope, forward_autocast
-from .backends import MEASURED, Speeds, make_stack
+from .backends import make_stack
 from .checkpoint import Checkpointer
 from .curves import Curves
-from .evaluate import stack_accuracies
+from .evaluate import accuracies
 from .protocol import TrainConfig, TrainResult
 from .step import GRAPHS, TrainStep, make_runner
 
@@ -50,7 +50,6 @@ def train_batched(
     progress: Callable[[int], None] | None = None,
     graphs: str = "auto",
     compile: bool = False,
-    measured: Speeds = MEASURED,
 ) -> list[TrainResult]:
     """Train ``models`` (one per seed in ``seeds``) together; returns one result per run.
 
@@ -71,7 +70,7 @@ def train_batched(
         backend: ``"grouped"`` (SimpleCNN only: runs folded into grouped convolutions),
             ``"bmm"`` (SimpleCNN only: batched matrix products), ``"vmap"`` (any architecture
             without auxiliary heads), ``"loop"`` (per-run kernels in one step; any model) or
-            ``"auto"``: the fastest in ``measured`` (:mod:`prewarm_gpu.training.backends`).
+            ``"auto"``: the fastest measured (:func:`.backends.choose_backend`).
         channels_last: models in NHWC (default: on the CPU); the grouped and loop backends.
         checkpoint: where and how often to checkpoint; a usable checkpoint found there is
             continued from (bit-identical to an uninterrupted run on the CPU).
@@ -80,16 +79,13 @@ def train_batched(
             (:meth:`prewarm_gpu.training.step.TrainStep.step`) captured once as a CUDA graph and
             replayed, else run eagerly; the same arithmetic either way.
         compile: the step's forward (and so its backward) through ``torch.compile``.
-        measured: the speed table ``auto`` reads (default: the built-in ``MEASURED``; see
-            :func:`~prewarm_gpu.training.backends.load_measured`).
     """
     _check_models(models, seeds, data.device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if graphs not in GRAPHS:
         raise ValueError(f"graphs must be one of {GRAPHS}, got {graphs!r}")
-    opts = _Options(precision, backend, channels_last, checkpoint, progress, graphs, compile,
-                    measured)
+    opts = _Options(precision, backend, channels_last, checkpoint, progress, graphs, compile)
     # Autocast off around everything (a caller's region would otherwise lower fp32's forward
     # and every backward matmul); bf16 turns it on for each forward pass alone.
     with float32_scope(float32_mode(precision)), torch.autocast(data.device.type, enabled=False):
@@ -160,7 +156,6 @@ class _Options:
     progress: Callable[[int], None] | None
     graphs: str
     compile: bool
-    measured: Speeds
 
 
 class _Run:
@@ -174,17 +169,18 @@ class _Run:
         for m in models:
             m.train()
         self.stack = make_stack(opts.backend, models, dev, opts.channels_last,
-                                tuple(data.train_x.shape[-2:]), opts.measured)
-        self.ts = TrainStep(self.stack, data, cfg, self.R,
-                            lambda: forward_autocast(opts.precision, dev),
+                                tuple(data.train_x.shape[-2:]))
+        self.autocast = lambda: forward_autocast(opts.precision, dev)  # training and evaluation
+        self.ts = TrainStep(self.stack, data, cfg, self.R, self.autocast,
                             capturable=dev.type == "cuda", compile=opts.compile)
         self.streams = [EpochStream(data.train_x.shape[0], cfg.batch_size,
                                     torch.Generator(device=dev).manual_seed(s)) for s in seeds]
         self.curves = Curves(self.R, cfg)
 
     def _accuracies(self) -> list[float]:
-        return stack_accuracies(self.stack, self.data, self.cfg.eval_batch_size,
-                                self.opts.precision)
+        # eval mode inside eval_logits: running statistics, no buffer updates
+        return accuracies(self.stack.eval_logits, self.data, self.cfg.eval_batch_size,
+                          self.autocast)
 
     def _progress(self, run_steps: int) -> None:
         if self.opts.progress:

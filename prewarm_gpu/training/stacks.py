@@ -147,8 +147,8 @@ class LoopStack:
 
     The only form for models with auxiliary heads (deep supervision), and the fastest on the CPU,
     where a single run already keeps the cores busy and grouped kernels are slower than per-run
-    ones (measured: 16 SimpleCNN runs on digits, 30 steps, one thread: loop ≈ single-run 8.8 s,
-    grouped 12.4 s, vmap 18.7 s). One run of it *is* the single-run trainer.
+    ones (the CPU row of :data:`~prewarm_gpu.training.backends.MEASURED`). One run of it *is* the
+    single-run trainer.
     """
 
     def __init__(self, models: list[nn.Module], channels_last: bool):
@@ -162,7 +162,7 @@ class LoopStack:
     def train_loss(self, x: torch.Tensor, y: torch.Tensor,
                    aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         objective, main = zip(*(run_loss(m, x[r].contiguous(memory_format=self.fmt), y[r],
-                                      aux_weight) for r, m in enumerate(self.models)),
+                                         aux_weight) for r, m in enumerate(self.models)),
                               strict=True)
         return torch.stack(objective), torch.stack(main)
 
@@ -187,7 +187,7 @@ class LoopStack:
 
 
 def run_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-          aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+             aux_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(objective, main-head cross-entropy) of one run. The objective adds
     ``aux_weight · Σ CE(aux)`` for a deeply supervised model; the logged curve (and steps to
     target) is the main head's loss, so models with and without auxiliary heads are compared on
